@@ -1,0 +1,37 @@
+# kdnb: every target creates .venv and installs on first use.
+# The tested torch/torchvision pair is pinned in constraints.txt.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+export HF_HUB_OFFLINE ?= 1
+export PYTHONUNBUFFERED := 1
+
+.PHONY: demo test test-fast lab strip check-notebooks clean
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	@echo "installing kdnb and its dependencies into $(VENV) (about two minutes the first time)"
+	$(BIN)/python -m pip install --progress-bar off -c constraints.txt -e ".[notebooks,dev]" \
+	  > $(VENV)/install.log 2>&1 || { tail -40 $(VENV)/install.log; exit 1; }
+	$(BIN)/python -c "import torch, torchvision, segmentation_models_pytorch, kdnb; print('kdnb', kdnb.__version__, '| torch', torch.__version__, '| torchvision', torchvision.__version__)"
+	touch $(STAMP)
+
+demo: $(STAMP)  ## teacher + student on SynthScenes, prints mIoU, writes runs/demo/predictions.png
+	$(BIN)/kdnb demo --out runs/demo
+
+test: $(STAMP) check-notebooks  ## every test, notebooks included
+	$(BIN)/python -m pytest -q
+
+lab: $(STAMP)  ## JupyterLab on the workbook
+	$(BIN)/jupyter lab notebooks/
+
+strip: $(STAMP)  ## remove notebook outputs before committing
+	$(BIN)/nbstripout notebooks/*.ipynb 2>/dev/null || true
+
+check-notebooks: $(STAMP)
+	@if ls notebooks/*.ipynb >/dev/null 2>&1; then $(BIN)/nbstripout --verify notebooks/*.ipynb \
+	  || { echo "notebooks have stored outputs: run 'make strip'"; exit 1; }; fi
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache kdnb.egg-info

@@ -1,0 +1,194 @@
+"""The ``kdnb`` command: train, evaluate, list datasets and presets, run the demo.
+
+Every subcommand works on the same :class:`kdnb.config.TrainConfig` that the library and
+the notebooks use; ``kdnb <command> --help`` lists the options.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from .config import RECIPES, TrainConfig, get_recipe
+
+
+def _add_train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--recipe", choices=sorted(RECIPES), help="start from a named recipe")
+    p.add_argument("--model", help="model preset (kdnb presets lists them)")
+    p.add_argument("--data", help="dataset: synth, voc, cityscapes, ade20k, camvid")
+    p.add_argument("--root", help="data root (default: $KDNB_DATA or <repo>/data)")
+    p.add_argument("--size", type=int, help="SynthScenes image size")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--optimizer", choices=["sgd", "adamw"])
+    p.add_argument("--lr", type=float)
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--crop", type=int, nargs=2, metavar=("H", "W"), help="training crop")
+    p.add_argument("--eval-every", type=int)
+    p.add_argument("--ckpt-every", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--workers", type=int, help="DataLoader workers")
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--encoder-weights", help="'imagenet' (needs the network or a warm cache)")
+    p.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm under torchrun")
+    p.add_argument("--no-amp", action="store_true", help="disable bf16 autocast on CUDA")
+    p.add_argument("--run-dir", help="output folder (default runs/<model>-<data>-s<seed>)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+
+
+def config_from_args(args) -> TrainConfig:
+    cfg = get_recipe(args.recipe) if args.recipe else TrainConfig()
+    mapping = {"model": "model", "data": "data", "root": "root", "steps": "steps",
+               "batch_size": "batch_size", "optimizer": "optimizer", "lr": "lr",
+               "weight_decay": "weight_decay", "eval_every": "eval_every",
+               "ckpt_every": "ckpt_every", "seed": "seed", "device": "device",
+               "workers": "workers", "threads": "threads", "encoder_weights": "encoder_weights"}
+    changes = {field: getattr(args, arg) for arg, field in mapping.items()
+               if getattr(args, arg) is not None}
+    if args.crop:
+        changes["crop_size"] = tuple(args.crop)
+    if args.size is not None:
+        changes["data_kwargs"] = {**cfg.data_kwargs, "size": args.size}
+    if args.sync_bn:
+        changes["sync_bn"] = True
+    if args.no_amp:
+        changes["amp"] = False
+    if changes.get("data", cfg.data) != "synth" and "data_kwargs" not in changes \
+            and changes.get("data") is not None:
+        changes["data_kwargs"] = {}  # synth sizes do not apply to real datasets
+    if changes.get("data", cfg.data) != "synth" and "eval_batch_size" not in changes:
+        changes["eval_batch_size"] = 1  # real images differ in size
+    return cfg.replace(**changes)
+
+
+def cmd_train(args) -> int:
+    from .train import Trainer
+
+    cfg = config_from_args(args)
+    run_dir = Path(args.run_dir or f"runs/{cfg.model}-{cfg.data}-s{cfg.seed}")
+    trainer = Trainer(cfg, run_dir)
+    final = trainer.fit(resume=args.resume)
+    if trainer.rank == 0:
+        print(f"{cfg.model} on {cfg.data} {cfg.eval_split}: mIoU {100 * final['miou']:.2f}  "
+              f"(run directory {run_dir})")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .data import build_dataset, dataset_info
+    from .train import evaluate, model_from_checkpoint, resolve_device
+
+    from .train import load_checkpoint
+    ckpt = load_checkpoint(args.ckpt)
+    cfg = ckpt.get("config", {})
+    data = args.data or cfg.get("data", "synth")
+    kwargs = cfg.get("data_kwargs", {}) if data == cfg.get("data") else {}
+    info = dataset_info(data)
+    model = model_from_checkpoint(args.ckpt, num_classes=info["num_classes"])
+    device = resolve_device(args.device)
+    dataset = build_dataset(data, args.root or cfg.get("root"), args.split, **kwargs)
+    result = evaluate(model.to(device), dataset, num_classes=info["num_classes"],
+                      batch_size=args.batch_size or (16 if data == "synth" else 1),
+                      device=device, progress=True)
+    print(f"{ckpt['preset']} on {data} {args.split}: mIoU {100 * result['miou']:.2f}  "
+          f"pixel acc {100 * result['acc']:.2f}")
+    for name, iou in zip(info["classes"], result["iou"]):
+        print(f"  {name:24s} {100 * iou:6.2f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"ckpt": str(args.ckpt), "data": data,
+                                               "split": args.split, **result}, indent=2))
+    return 0
+
+
+def cmd_datasets(args) -> int:
+    from .data import REAL_DATASETS, data_root, dataset_module
+
+    base = data_root(args.root)
+    print(f"data root: {base}  (set by --root, $KDNB_DATA, or <repo>/data)")
+    print(f"  {'synth':11s} built in (procedural, no files)")
+    for name in REAL_DATASETS:
+        mod = dataset_module(name)
+        problem = mod.check(base)
+        state = "found" if problem is None else f"missing ({problem})"
+        print(f"  {name:11s} {state}: {base / mod.FOLDER}")
+        if problem is not None:
+            print(f"  {'':11s} {mod.HOW_TO_GET}"
+                  + ("  Or: build_dataset(..., download=True)." if hasattr(mod, "download") else ""))
+    return 0
+
+
+def cmd_presets(args) -> int:
+    from .models import PRESETS
+
+    for name, p in sorted(PRESETS.items()):
+        print(f"  {name:16s} {p.role:8s} {p.description}")
+    return 0
+
+
+def cmd_weights(args) -> int:
+    from .models import build_model
+
+    build_model(args.preset, 2, encoder_weights="imagenet")
+    print(f"ImageNet weights for {args.preset} are in the Hugging Face cache "
+          f"({os.environ.get('HF_HUB_CACHE', '~/.cache/huggingface/hub')}).")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    run_demo(out=Path(args.out), quick=args.quick or os.environ.get("KDNB_QUICK") == "1",
+             fresh=args.fresh, threads=args.threads)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kdnb", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("train", help="train a teacher or a student alone")
+    _add_train_args(p)
+    p.set_defaults(func=cmd_train)
+    p = sub.add_parser("eval", help="evaluate a checkpoint")
+    p.add_argument("--ckpt", required=True, help="model.pt or ckpt-*.pt of a run")
+    p.add_argument("--data", help="dataset (default: the one it was trained on)")
+    p.add_argument("--root")
+    p.add_argument("--split", default="val")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", help="also write the result to this file")
+    p.set_defaults(func=cmd_eval)
+    p = sub.add_parser("datasets", help="which datasets are available, and where kdnb looks")
+    p.add_argument("--root")
+    p.set_defaults(func=cmd_datasets)
+    p = sub.add_parser("presets", help="list the model presets")
+    p.set_defaults(func=cmd_presets)
+    p = sub.add_parser("weights", help="download ImageNet encoder weights for a preset")
+    p.add_argument("--preset", required=True)
+    p.set_defaults(func=cmd_weights)
+    p = sub.add_parser("demo", help="teacher and student on SynthScenes, with a prediction PNG")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--quick", action="store_true", help="a tiny budget (for tests); also KDNB_QUICK=1")
+    p.add_argument("--fresh", action="store_true", help="retrain even if a cached model exists")
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError, OSError) as err:
+        if os.environ.get("KDNB_DEBUG"):
+            raise
+        print(f"kdnb {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

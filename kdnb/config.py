@@ -1,0 +1,109 @@
+"""Run configurations: one dataclass, a comment on each default, and named recipes.
+
+A run's config is saved as ``config.json`` in its run directory and inside every
+checkpoint, so a result can always be traced to the settings that produced it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class TrainConfig:
+    """Everything a supervised (or, later, distillation) run needs."""
+
+    # What to train, on what.
+    model: str = "synth-student"      # a preset name from kdnb.models.PRESETS
+    data: str = "synth"               # synth | voc | cityscapes | ade20k | camvid
+    root: str | None = None           # data root; default KDNB_DATA or <repo>/data
+    data_kwargs: dict = field(default_factory=dict)  # e.g. {"size": 96} for synth
+    encoder_weights: str | None = None  # "imagenet" needs the network or a warm cache
+    # Optimization (METHODS.md recipe: SGD 0.02, momentum 0.9, wd 1e-4, poly 0.9).
+    steps: int = 1000                 # optimizer steps
+    batch_size: int = 16              # global batch (split across DDP ranks)
+    optimizer: str = "sgd"            # sgd | adamw
+    lr: float = 0.02                  # peak learning rate
+    momentum: float = 0.9             # SGD momentum
+    weight_decay: float = 1e-4
+    poly_power: float = 0.9           # lr = peak * (1 - step / steps) ** power
+    warmup_steps: int = 0             # linear warm-up before the poly decay
+    # Augmentation (None: the dataset's default; synth has no crop and no rescale).
+    crop_size: tuple[int, int] | None = None
+    scale_range: tuple[float, float] | None = None
+    flip: bool = True
+    # Evaluation, logging and checkpoints.
+    eval_every: int = 250             # steps between evaluations (0: only at the end)
+    eval_split: str = "val"           # model selection happens on val, never on test
+    eval_batch_size: int = 16         # 1 for datasets with images of different sizes
+    log_every: int = 25               # steps between train-loss log lines (one host sync)
+    ckpt_every: int = 250             # steps between checkpoints (0: only at the end)
+    keep_checkpoints: int = 2         # older ones are deleted
+    # Machine.
+    seed: int = 0                     # model init, data order, augmentation
+    device: str = "auto"              # auto | cpu | cuda | cuda:N
+    amp: bool = True                  # bf16 autocast on CUDA (ignored on CPU)
+    channels_last: bool = True        # channels-last memory format on CUDA
+    workers: int = 0                  # DataLoader workers (0: load in the main process)
+    threads: int | None = None        # torch CPU threads (None: leave torch's default)
+    sync_bn: bool = False             # convert BatchNorm to SyncBatchNorm under DDP
+
+    def __post_init__(self):
+        checks = {
+            "steps": self.steps > 0, "batch_size": self.batch_size > 0, "lr": self.lr > 0,
+            "weight_decay": self.weight_decay >= 0, "poly_power": self.poly_power >= 0,
+            "warmup_steps": 0 <= self.warmup_steps < self.steps,
+            "eval_every": self.eval_every >= 0, "ckpt_every": self.ckpt_every >= 0,
+            "log_every": self.log_every > 0, "keep_checkpoints": self.keep_checkpoints >= 1,
+            "workers": self.workers >= 0,
+        }
+        bad = [k for k, ok in checks.items() if not ok]
+        if bad:
+            values = ", ".join(f"{k}={getattr(self, k)!r}" for k in bad)
+            raise ValueError(f"config values out of range: {values} (steps, batch_size, lr "
+                             "and log_every must be positive; warmup_steps below steps; the "
+                             "rest non-negative)")
+        if self.optimizer not in ("sgd", "adamw"):
+            raise ValueError(f"optimizer={self.optimizer!r}: choose 'sgd' or 'adamw'")
+        if self.crop_size is not None:
+            self.crop_size = tuple(self.crop_size)
+        if self.scale_range is not None:
+            self.scale_range = tuple(self.scale_range)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown config keys {unknown}; valid keys: {sorted(names)}")
+        return cls(**d)
+
+    def replace(self, **changes) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+
+#: Recipes for SynthScenes on a 2-core CPU (chosen on the val split; see benchmarks/RESULTS.md).
+SYNTH_SIZE = 96
+RECIPES: dict[str, TrainConfig] = {
+    "synth-teacher": TrainConfig(model="synth-teacher", data="synth",
+                                 data_kwargs={"size": SYNTH_SIZE}, steps=900, batch_size=16,
+                                 optimizer="adamw", lr=1e-3, eval_every=300, ckpt_every=300),
+    "synth-student": TrainConfig(model="synth-student", data="synth",
+                                 data_kwargs={"size": SYNTH_SIZE}, steps=900, batch_size=16,
+                                 optimizer="adamw", lr=1e-3, eval_every=300, ckpt_every=300),
+}
+
+
+def get_recipe(name: str) -> TrainConfig:
+    try:
+        return dataclasses.replace(RECIPES[name])
+    except KeyError:
+        raise ValueError(f"unknown recipe {name!r}; choose one of: {', '.join(sorted(RECIPES))}") from None

@@ -1,0 +1,109 @@
+"""Datasets: the embedded SynthScenes and loaders for Pascal VOC, Cityscapes, ADE20K, CamVid.
+
+One entry point, :func:`build_dataset`. With ``train=False`` and no resizing, a sample is
+``(image FloatTensor (3, H, W) in [0, 1], mask LongTensor (H, W))`` at native size, with
+255 = ignore. With ``train=True`` the joint training transform (random scale, crop with
+ignore padding, flip) is applied, reproducibly per ``(seed, epoch, index)``.
+
+Each real dataset lives in its own module with the same interface: ``CLASSES``,
+``PALETTE``, ``NUM_CLASSES``, ``SPLITS``, ``FOLDER`` (its folder name under the data root),
+``build(root, split, **kw) -> SegmentationFolder``, ``check(root) -> str | None`` (None when
+present, else what is missing), ``HOW_TO_GET`` (a sentence), and ``download(root)`` where a
+public URL exists.
+"""
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+from .base import (IGNORE_INDEX, DatasetNotFoundError, SegmentationFolder, data_root,
+                   read_image, read_label)
+from .synth import SynthScenes
+from .transforms import Augmented, EvalTransform, TrainTransform
+
+#: dataset name -> module under kdnb.data (SynthScenes is built in).
+REAL_DATASETS = {"voc": "voc", "cityscapes": "cityscapes", "ade20k": "ade20k", "camvid": "camvid"}
+
+#: default training crop per dataset (METHODS.md recipes); SynthScenes keeps its size.
+DEFAULT_CROP = {"voc": (512, 512), "cityscapes": (512, 1024), "ade20k": (512, 512),
+                "camvid": (360, 480)}
+
+
+def available_datasets() -> list[str]:
+    return ["synth", *REAL_DATASETS]
+
+
+def dataset_module(name: str):
+    """The module implementing a real dataset (``voc``, ``cityscapes``...)."""
+    if name not in REAL_DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; choose one of: "
+                         f"{', '.join(available_datasets())}")
+    return importlib.import_module(f"{__name__}.{REAL_DATASETS[name]}")
+
+
+def dataset_info(name: str) -> dict:
+    """Classes, palette, class count and ignore index of a dataset, without reading it."""
+    if name == "synth":
+        return {"classes": SynthScenes.classes, "palette": SynthScenes.palette,
+                "num_classes": SynthScenes.num_classes, "ignore_index": IGNORE_INDEX}
+    mod = dataset_module(name)
+    return {"classes": mod.CLASSES, "palette": mod.PALETTE, "num_classes": mod.NUM_CLASSES,
+            "ignore_index": IGNORE_INDEX}
+
+
+def build_dataset(name: str, root: str | Path | None = None, split: str = "train",
+                  train: bool = False, *, crop_size=None, scale_range=None, flip: bool = True,
+                  seed: int = 0, download: bool = False, **kw):
+    """Builds a dataset by name.
+
+    Args:
+        name: ``"synth"``, ``"voc"``, ``"cityscapes"``, ``"ade20k"`` or ``"camvid"``.
+        root: the data root (default: :func:`kdnb.data.base.data_root`); each dataset
+            looks in its own folder below it.
+        split: ``"train"``, ``"val"`` or ``"test"`` (what the dataset has).
+        train: apply the random training transform.
+        crop_size: training crop ``(h, w)``; default per dataset (SynthScenes: no crop).
+        scale_range: training rescale range; default (0.5, 2.0), SynthScenes (1.0, 1.0).
+        flip: random horizontal flip in training.
+        seed: seed of the training augmentation.
+        download: fetch the dataset first if it is missing and a public URL exists.
+        **kw: passed to the dataset (``size``, ``length``... for SynthScenes).
+
+    Returns:
+        A ``Dataset`` of ``(image, mask)`` pairs with ``classes``, ``palette`` and
+        ``num_classes`` attributes.
+    """
+    if name == "synth":
+        dataset = SynthScenes(split, **kw)
+        default_crop, default_scale = None, (1.0, 1.0)
+    else:
+        mod = dataset_module(name)
+        base = data_root(root)
+        if split not in mod.SPLITS:
+            raise ValueError(f"{name} has no split {split!r}; choose one of {list(mod.SPLITS)}")
+        problem = mod.check(base)
+        if problem and download:
+            if not hasattr(mod, "download"):
+                raise DatasetNotFoundError(f"{name} has no public download: {mod.HOW_TO_GET}")
+            mod.download(base)
+            problem = mod.check(base)
+        if problem:
+            raise DatasetNotFoundError(
+                f"{name} not found or incomplete under {base / mod.FOLDER}: {problem}. "
+                f"{mod.HOW_TO_GET} Point kdnb elsewhere with root=... / --root DIR or the "
+                "KDNB_DATA environment variable; data/README.md shows the expected layout.")
+        dataset = mod.build(base, split, **kw)
+        default_crop, default_scale = DEFAULT_CROP[name], (0.5, 2.0)
+    if not train:
+        return dataset
+    transform = TrainTransform(crop_size=crop_size or default_crop,
+                               scale_range=scale_range or default_scale, flip=flip,
+                               ignore_index=IGNORE_INDEX)
+    return Augmented(dataset, transform, seed=seed)
+
+
+__all__ = [
+    "Augmented", "DatasetNotFoundError", "EvalTransform", "IGNORE_INDEX", "SegmentationFolder",
+    "SynthScenes", "TrainTransform", "available_datasets", "build_dataset", "data_root",
+    "dataset_info", "dataset_module", "read_image", "read_label",
+]

@@ -1,0 +1,124 @@
+"""What every on-disk dataset shares: where datasets live, reading pairs, clear errors.
+
+A real dataset is a list of ``(image_path, mask_path)`` pairs plus a lookup table that maps
+raw label values to training ids (255 = ignore). :class:`SegmentationFolder` reads a pair
+with Pillow and returns ``(image (3, H, W) float in [0, 1], mask (H, W) int64)`` at native
+size.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+ENV_ROOT = "KDNB_DATA"
+IGNORE_INDEX = 255
+
+
+def data_root(root: str | os.PathLike | None = None) -> Path:
+    """The folder that holds datasets and cached checkpoints.
+
+    Order: the ``root`` argument, then the ``KDNB_DATA`` environment variable, then
+    ``data/`` at the top of the kdnb repository (an editable install), then ``./data``.
+    """
+    if root is not None:
+        return Path(root).expanduser()
+    if os.environ.get(ENV_ROOT):
+        return Path(os.environ[ENV_ROOT]).expanduser()
+    repo = Path(__file__).resolve().parents[2]
+    if (repo / "pyproject.toml").is_file() and (repo / "data").is_dir():
+        return repo / "data"
+    return Path.cwd() / "data"
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """A dataset folder is missing or incomplete; the message says where and how to fix."""
+
+
+def missing_error(name: str, looked: Path, what: str, how: str) -> DatasetNotFoundError:
+    return DatasetNotFoundError(
+        f"{name} not found: looked for {what} in {looked}. {how} "
+        f"Point kdnb elsewhere with root=... / --root DIR or the {ENV_ROOT} environment variable; "
+        "data/README.md explains each dataset's layout.")
+
+
+def read_image(path: Path) -> torch.Tensor:
+    """Reads an RGB image as ``(3, H, W)`` float32 in [0, 1]; names the file if unreadable."""
+    try:
+        with Image.open(path) as im:
+            array = np.asarray(im.convert("RGB"), dtype=np.uint8)
+    except (OSError, ValueError) as err:
+        raise OSError(f"cannot read image {path}: {err}. The file is missing, truncated or "
+                      "not an image: download or extract it again.") from err
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255.0)
+
+
+def read_label(path: Path) -> np.ndarray:
+    """Reads a label PNG as its raw integer values (palette indices for palette PNGs)."""
+    try:
+        with Image.open(path) as im:
+            if im.mode not in ("P", "L", "I", "I;16"):
+                raise ValueError(f"label image mode is {im.mode!r}; expected a single-channel "
+                                 "or palette PNG")
+            return np.asarray(im).astype(np.int64)
+    except (OSError, ValueError) as err:
+        raise OSError(f"cannot read label {path}: {err}. Labels must be single-channel or "
+                      "palette PNGs of the dataset's official release.") from err
+
+
+def lookup_table(mapping: dict[int, int], size: int = 256, default: int = IGNORE_INDEX) -> np.ndarray:
+    """A dense raw-value -> train-id table (values not in ``mapping`` go to ``default``)."""
+    table = np.full(size, default, dtype=np.int64)
+    for raw, train_id in mapping.items():
+        table[raw] = train_id
+    return table
+
+
+class SegmentationFolder(Dataset):
+    """Image/label pairs on disk with a raw-to-train-id lookup table.
+
+    Args:
+        pairs: ``(image_path, mask_path)`` per sample.
+        num_classes: number of training classes.
+        table: raw label value -> train id (``IGNORE_INDEX`` for ignored); None = identity.
+        classes: class names. palette: RGB per class.
+        check_labels: raise if a mapped label lies outside ``[0, num_classes)`` and 255.
+    """
+
+    ignore_index = IGNORE_INDEX
+
+    def __init__(self, pairs: Sequence[tuple[Path, Path]], *, num_classes: int,
+                 table: np.ndarray | None, classes: Sequence[str],
+                 palette: Sequence[tuple[int, int, int]], check_labels: bool = True):
+        self.pairs = [(Path(a), Path(b)) for a, b in pairs]
+        self.num_classes, self.table = num_classes, table
+        self.classes, self.palette = tuple(classes), tuple(palette)
+        self.check_labels = check_labels
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image_path, mask_path = self.pairs[index]
+        image = read_image(image_path)
+        raw = read_label(mask_path)
+        if self.table is not None:
+            if raw.max(initial=0) >= len(self.table) or raw.min(initial=0) < 0:
+                raise ValueError(f"{mask_path}: label values up to {raw.max()} exceed the "
+                                 f"dataset's table of {len(self.table)} entries")
+            raw = self.table[raw]
+        if self.check_labels:
+            bad = (raw >= self.num_classes) & (raw != IGNORE_INDEX)
+            if bad.any():
+                raise ValueError(f"{mask_path}: mask values {sorted(set(raw[bad].tolist()))[:8]} "
+                                 f"are outside the {self.num_classes} classes (and not 255 = "
+                                 "ignore): is this the dataset's official label format?")
+        if raw.shape != tuple(image.shape[-2:]):
+            raise ValueError(f"{image_path} is {tuple(image.shape[-2:])} but its label "
+                             f"{mask_path} is {raw.shape}: the pair does not match")
+        return image, torch.from_numpy(raw)

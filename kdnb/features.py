@@ -1,0 +1,147 @@
+"""Tapping intermediate features, and adapters between student and teacher features.
+
+:class:`FeatureRecorder` taps named modules of any ``nn.Module`` with forward hooks inside
+a ``with`` block and removes every hook on exit, so a model is never left instrumented.
+:class:`ChannelAdapter` is the trainable connector (1x1 convolution, optional BatchNorm)
+that maps student channels to teacher channels; it trains with the student and is dropped
+at inference. :func:`match_size` is the one place where feature maps of different sizes
+are brought to the same resolution.
+
+Introduced in notebooks/01_feature_magnitude.ipynb.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class FeatureRecorder:
+    """Records the inputs or outputs of named submodules during forward passes.
+
+    Args:
+        model: the module to tap.
+        taps: module paths to record (``model.get_submodule`` names), or a mapping from
+            a short key to such a path.
+        capture: ``"output"`` to record what a module returns, ``"input"`` to record its
+            first positional input (the input of a classifier is the head feature).
+        detach: store detached tensors (for analysis); keep False to backpropagate
+            through recorded features.
+
+    Example:
+        >>> with FeatureRecorder(model, {"head": model.classifier_name}, capture="input") as rec:
+        ...     logits = model(images)
+        >>> rec["head"].shape  # (B, C, h, w)
+
+    Only the latest forward pass is kept: ``rec[key]`` is overwritten on each call.
+    """
+
+    def __init__(self, model: nn.Module, taps: Iterable[str] | Mapping[str, str], *,
+                 capture: str = "output", detach: bool = False):
+        if capture not in ("input", "output"):
+            raise ValueError(f"capture must be 'input' or 'output', got {capture!r}")
+        self.model = model
+        self.taps = dict(taps) if isinstance(taps, Mapping) else {t: t for t in taps}
+        if not self.taps:
+            raise ValueError("FeatureRecorder needs at least one module path to tap")
+        names = dict(model.named_modules())
+        for key, path in self.taps.items():
+            if path not in names:
+                close = [n for n in names if path.split(".")[-1] in n][:5]
+                raise ValueError(f"no module {path!r} in {type(model).__name__} (tap {key!r}); "
+                                 f"similar names: {close or 'none'}; "
+                                 "list them with [n for n, _ in model.named_modules()]")
+        self.capture, self.detach = capture, detach
+        self.features: dict[str, torch.Tensor] = {}
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def _hook(self, key: str):
+        def hook(module, args, output):
+            value = args[0] if self.capture == "input" else output
+            self.features[key] = value.detach() if self.detach else value
+        return hook
+
+    def __enter__(self) -> "FeatureRecorder":
+        if self._handles:
+            raise RuntimeError("this FeatureRecorder is already active; nested use is not supported")
+        for key, path in self.taps.items():
+            module = self.model.get_submodule(path)
+            self._handles.append(module.register_forward_hook(self._hook(key)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def remove(self) -> None:
+        """Removes every hook; safe to call more than once."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self.features:
+            raise KeyError(f"nothing recorded for {key!r} yet: run a forward pass inside the "
+                           f"`with` block (taps: {sorted(self.taps)})")
+        return self.features[key]
+
+    def clear(self) -> None:
+        self.features.clear()
+
+
+def forward_with_head(model: nn.Module, images: torch.Tensor, classifier: str | None = None
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One forward pass that returns the logits, the head feature and the head logits.
+
+    Args:
+        model: a :class:`kdnb.models.SegModel` (or any model, with ``classifier`` given).
+        images: ``(B, 3, H, W)``.
+        classifier: module path of the final classifier; default ``model.classifier_name``.
+
+    Returns:
+        ``(logits, head_feats, head_logits)``: output logits ``(B, K, H, W)``, the
+        classifier's input ``(B, C, h, w)`` and output ``(B, K, h, w)`` (logits at the
+        feature resolution, before any upsampling).
+    """
+    path = classifier or model.classifier_name
+    recorder = FeatureRecorder(model, {"feat": path}, capture="input")
+    outputs = FeatureRecorder(model, {"logits": path}, capture="output")
+    with recorder, outputs:
+        logits = model(images)
+    return logits, recorder["feat"], outputs["logits"]
+
+
+def match_size(x: torch.Tensor, size: tuple[int, int] | torch.Size) -> torch.Tensor:
+    """Bilinearly resizes ``x (B, C, h, w)`` to ``size``; a no-op when it already fits.
+
+    The teacher map is resized to the student's size, never the other way (METHODS.md).
+    """
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
+
+
+class ChannelAdapter(nn.Module):
+    """A 1x1 convolution (optionally + BatchNorm) from student to teacher channels.
+
+    Args:
+        in_channels: student channels ``C_s``.
+        out_channels: teacher channels ``C_t``.
+        batchnorm: append a BatchNorm2d (CIRKD's connector does).
+
+    Shape:
+        ``(B, C_s, h, w) -> (B, C_t, h, w)``.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, *, batchnorm: bool = False):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size=1, bias=not batchnorm)
+        self.bn = nn.BatchNorm2d(out_channels) if batchnorm else nn.Identity()
+        self.in_channels, self.out_channels = in_channels, out_channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f"ChannelAdapter expects (B, {self.in_channels}, h, w), "
+                             f"got {tuple(x.shape)}")
+        return self.bn(self.conv(x))

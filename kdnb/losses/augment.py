@@ -1,0 +1,804 @@
+"""FAKD: distillation under infinitely many semantic-direction feature augmentations.
+
+FAKD perturbs the student's head feature at a position of class ``y`` along that class's
+directions of variation, ``f~ = f + eps`` with ``eps ~ N(0, lambda * Sigma_y)``, and
+minimizes a closed-form expression of the *expected* distillation loss instead of sampling
+augmentations. Three pieces live here:
+
+* :class:`ClassCovariance`: running per-class mean and covariance of the student's head
+  features, kept as count-weighted sufficient statistics (float64 buffers, so a checkpoint
+  resumes exactly and DDP can all-reduce sums and counts);
+* the closed forms: :func:`fakd_logit_bound` (pixel-wise KD, an upper bound),
+  :func:`fakd_feature_bound` (feature MSE through a linear adapter, exact) and
+  :func:`fakd_nfd_bound` (NFD, an approximation);
+* :class:`FAKDLoss`: the module a trainer adds, with the ISDA schedule
+  ``lambda = lambda_0 * step / total_steps``.
+
+Each closed form *contains* the loss it augments (at ``lambda = 0`` it is that loss), so a
+trainer running "kd + fakd" uses the FAKD term *in place of* the plain KD term.
+
+The paper's code was not available: this is the ISDA construction (Wang et al. 2019) with
+the teacher's soft targets in place of one-hot labels (ours), as specified in METHODS.md.
+
+Reference:
+    Yuan et al., "FAKD: Feature Augmented Knowledge Distillation for Semantic
+    Segmentation", WACV 2024, arXiv 2208.14143.
+    Wang et al., "Implicit Semantic Data Augmentation for Deep Networks", NeurIPS 2019,
+    arXiv 1909.12220.
+
+Introduced in notebooks/03_semantic_direction_augmentation.ipynb.
+"""
+from __future__ import annotations
+
+from typing import Callable, Mapping, Union
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from kdnb.features import match_size
+
+__all__ = [
+    "ClassCovariance",
+    "fakd_logit_bound",
+    "fakd_feature_bound",
+    "fakd_nfd_bound",
+    "FAKDLoss",
+]
+
+
+# --------------------------------------------------------------------------- helpers
+
+def _no_autocast(device: torch.device):
+    """A context that switches autocast off: FAKD computes in float32 (sums in float64)."""
+    return torch.autocast(device_type=device.type, enabled=False)
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    # float16/bfloat16 under autocast -> float32; float64 stays (tests use it).
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _labels_at(masks: torch.Tensor, size: tuple[int, int], batch: int, what: str) -> torch.Tensor:
+    """Checks ``masks (B, H, W)`` and nearest-resizes them to ``size``; returns long labels."""
+    if not isinstance(masks, torch.Tensor) or masks.ndim != 3:
+        shape = tuple(masks.shape) if isinstance(masks, torch.Tensor) else type(masks).__name__
+        raise ValueError(f"{what}: masks must be (B, H, W) label maps, got {shape}")
+    if masks.shape[0] != batch:
+        raise ValueError(f"{what}: masks must be (B, H, W) with B = {batch} (the batch of the "
+                         f"maps they label), got {tuple(masks.shape)}")
+    if masks.is_floating_point():
+        raise ValueError(f"{what}: masks must hold integer labels, got dtype {masks.dtype}")
+    if tuple(masks.shape[-2:]) != tuple(size):
+        # Nearest on floats is exact for labels (< 2^24) and never invents a class.
+        masks = F.interpolate(masks[:, None].float(), size=tuple(size), mode="nearest")[:, 0]
+    return masks.long()
+
+
+def _bad_labels_error(labels: torch.Tensor, num_classes: int, ignore_index: int,
+                      what: str) -> ValueError:
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= num_classes))
+    found = torch.unique(labels[bad])[:8].tolist()
+    return ValueError(f"{what}: labels must be in [0, {num_classes}) or {ignore_index} (ignore), "
+                      f"got {found} at {int(bad.sum())} positions")
+
+
+def _check_labels(labels: torch.Tensor, num_classes: int, ignore_index: int, what: str) -> None:
+    """Raises on labels outside ``[0, num_classes)`` that are not ``ignore_index``.
+
+    One host sync on a GPU (a boolean read); the trainer path skips it because
+    :meth:`ClassCovariance.update` has already checked the same masks.
+    """
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= num_classes))
+    if bool(bad.any()):
+        raise _bad_labels_error(labels, num_classes, ignore_index, what)
+
+
+def _linear_weight(weight: torch.Tensor | nn.Module, what: str, role: str) -> torch.Tensor:
+    """Returns a per-position linear map as a ``(out, in)`` matrix.
+
+    Accepts a ``(out, in)`` matrix, a ``(out, in, 1, 1)`` convolution weight, an
+    ``nn.Linear``/``nn.Conv2d`` (or a :class:`kdnb.features.ChannelAdapter` without
+    BatchNorm), and refuses anything that mixes positions.
+    """
+    if isinstance(weight, nn.Module):
+        bn = getattr(weight, "bn", None)
+        if bn is not None and not isinstance(bn, nn.Identity):
+            raise ValueError(f"{what}: FAKD's closed form needs a linear {role}; this one ends "
+                             f"in {type(bn).__name__}: use an adapter without BatchNorm")
+        conv = getattr(weight, "conv", weight)
+        if not hasattr(conv, "weight"):
+            raise TypeError(f"{what}: expected a tensor, nn.Linear or nn.Conv2d, "
+                            f"got {type(weight).__name__}")
+        if isinstance(conv, nn.Conv2d) and conv.groups != 1:
+            raise ValueError(f"{what}: a grouped convolution (groups={conv.groups}) is not "
+                             "supported; use a dense 1x1 convolution")
+        weight = conv.weight
+    if weight.ndim == 4:
+        kh, kw = weight.shape[-2:]
+        if (kh, kw) != (1, 1):
+            raise ValueError(f"{what}: FAKD needs a {role} that is linear on each position "
+                             f"(1x1 conv); this one is {kh}x{kw}: give the student a 1x1 head")
+        weight = weight[:, :, 0, 0]
+    if weight.ndim != 2:
+        raise ValueError(f"{what}: expected a (out, in) or (out, in, 1, 1) weight, "
+                         f"got {tuple(weight.shape)}")
+    return weight
+
+
+def _covariance_tensor(class_cov: "torch.Tensor | ClassCovariance", what: str
+                       ) -> tuple[torch.Tensor, bool]:
+    """Returns ``(cov, diagonal)`` from a tensor or a :class:`ClassCovariance`."""
+    if isinstance(class_cov, ClassCovariance):
+        return class_cov.cov, class_cov.diagonal
+    if not isinstance(class_cov, torch.Tensor) or class_cov.ndim not in (2, 3):
+        shape = tuple(class_cov.shape) if isinstance(class_cov, torch.Tensor) else type(class_cov).__name__
+        raise ValueError(f"{what}: class_cov must be (K, C, C) full, (K, C) diagonal or a "
+                         f"ClassCovariance, got {shape}")
+    if class_cov.ndim == 3 and class_cov.shape[1] != class_cov.shape[2]:
+        raise ValueError(f"{what}: a full class_cov must be (K, C, C), got {tuple(class_cov.shape)}")
+    return class_cov.detach(), class_cov.ndim == 2
+
+
+def _check_4d(x: torch.Tensor, name: str, what: str) -> None:
+    if not isinstance(x, torch.Tensor) or x.ndim != 4:
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"{what}: {name} must be (B, C, h, w), got {shape}")
+
+
+def _flat(x: torch.Tensor) -> torch.Tensor:
+    """``(B, C, h, w) -> (B*h*w, C)``, positions first."""
+    return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
+
+
+# --------------------------------------------------------------------------- statistics
+
+class ClassCovariance(nn.Module):
+    """Running per-class mean and covariance of features, from sufficient statistics.
+
+    Keeps, per class ``k``, the count ``n_k``, the sum ``s_k`` and the sum of outer
+    products ``S_k = sum x x^T`` (or of squares, when ``diagonal``), all float64 buffers:
+    the running result equals ``torch.cov`` over every feature ever seen (not an
+    exponential average, unlike ISDA's code), ``state_dict`` resumes it exactly, two
+    estimators merge by adding, and DDP all-reduces sums and counts (never covariances).
+
+    Args:
+        num_classes: ``K``.
+        dim: feature channels ``C``.
+        diagonal: keep only per-channel variances (``K x C`` instead of ``K x C x C``;
+            at K = 150, C = 512 the full buffers take 315 MB).
+        ignore_index: label of pixels to skip.
+
+    Shape:
+        ``update(feats (B, C, h, w), masks (B, H, W))``; ``mean (K, C)``;
+        ``cov (K, C, C)`` or ``(K, C)`` when diagonal; ``count (K,)``.
+
+    Reference:
+        Wang et al., "Implicit Semantic Data Augmentation for Deep Networks", NeurIPS 2019,
+        arXiv 1909.12220 (class-conditional covariance of the features).
+
+    Introduced in notebooks/03_semantic_direction_augmentation.ipynb.
+    """
+
+    def __init__(self, num_classes: int, dim: int, *, diagonal: bool = False,
+                 ignore_index: int = 255):
+        super().__init__()
+        if num_classes < 1 or dim < 1:
+            raise ValueError(f"ClassCovariance needs num_classes >= 1 and dim >= 1, "
+                             f"got {num_classes} and {dim}")
+        self.num_classes, self.dim = int(num_classes), int(dim)
+        self.diagonal, self.ignore_index = bool(diagonal), int(ignore_index)
+        second = (num_classes, dim) if diagonal else (num_classes, dim, dim)
+        f64 = torch.float64
+        # Counts in float64 too: exact below 2^53 and one dtype for all_reduce.
+        self.register_buffer("n_seen", torch.zeros(num_classes, dtype=f64))
+        self.register_buffer("feat_sum", torch.zeros(num_classes, dim, dtype=f64))
+        self.register_buffer("feat_sq_sum", torch.zeros(second, dtype=f64))
+
+    def extra_repr(self) -> str:
+        return (f"num_classes={self.num_classes}, dim={self.dim}, diagonal={self.diagonal}, "
+                f"ignore_index={self.ignore_index}")
+
+    # -- accumulation
+    @torch.no_grad()
+    def update(self, feats: torch.Tensor, masks: torch.Tensor, *, sync: bool = False
+               ) -> "ClassCovariance":
+        """Adds the features of one batch, grouped by the label at each position.
+
+        Args:
+            feats: ``(B, C, h, w)``; detached here, any float dtype.
+            masks: ``(B, H, W)`` labels at any size, nearest-resized to ``(h, w)``;
+                ``ignore_index`` positions are skipped, other labels outside ``[0, K)``
+                raise.
+            sync: under ``torch.distributed``, all-reduce this batch's statistics before
+                adding them, so every rank holds the global running statistics (every rank
+                must then call ``update``). A no-op when no process group is initialized.
+
+        Returns:
+            ``self``.
+
+        One host sync per call (to check the labels and to list the classes present: the
+        full outer products are accumulated one present class at a time, which keeps
+        memory at ``O(B h w C)`` whatever ``K``).
+        """
+        what = "ClassCovariance.update"
+        _check_4d(feats, "feats", what)
+        if feats.shape[1] != self.dim:
+            raise ValueError(f"{what}: expected feats with C = {self.dim} channels (the "
+                             f"estimator's dim), got {tuple(feats.shape)}")
+        labels = _labels_at(masks.to(feats.device), feats.shape[-2:], feats.shape[0], what)
+        K = self.num_classes
+        with _no_autocast(feats.device):
+            x = _flat(feats.detach()).to(torch.float64)  # (N, C)
+            y = labels.reshape(-1)  # (N,)
+            in_range = (y >= 0) & (y < K)
+            # Bins: 0..K-1 classes, K ignored, K+1 out of range.
+            code = torch.where(in_range, y, torch.where(y == self.ignore_index, K, K + 1))
+            hist = torch.bincount(code, minlength=K + 2).tolist()  # the one host sync
+            if hist[K + 1]:
+                raise _bad_labels_error(y, K, self.ignore_index, what)
+            distributed = sync and dist.is_available() and dist.is_initialized()
+            if distributed:
+                n, s, ss = (torch.zeros_like(b) for b in (self.n_seen, self.feat_sum, self.feat_sq_sum))
+            else:
+                n, s, ss = self.n_seen, self.feat_sum, self.feat_sq_sum
+            counts = torch.tensor(hist[:K], dtype=torch.float64, device=x.device)
+            n.add_(counts)
+            if self.diagonal:
+                keep = code < K
+                safe = torch.where(keep, code, 0)
+                w = keep.to(torch.float64)[:, None]
+                s.index_add_(0, safe, x * w)
+                ss.index_add_(0, safe, x.square() * w)
+            else:
+                order = torch.argsort(code)  # positions grouped by class, ignored last
+                groups = torch.split(order, hist)
+                for k in range(K):
+                    if hist[k] == 0:
+                        continue
+                    xk = x.index_select(0, groups[k])  # (n_k, C)
+                    s[k].add_(xk.sum(0))
+                    ss[k].addmm_(xk.T, xk)
+            if distributed:
+                for t in (n, s, ss):
+                    dist.all_reduce(t)
+                self.n_seen.add_(n)
+                self.feat_sum.add_(s)
+                self.feat_sq_sum.add_(ss)
+        return self
+
+    def _check_compatible(self, other: "ClassCovariance") -> None:
+        if not isinstance(other, ClassCovariance):
+            raise TypeError(f"can only merge a ClassCovariance, got {type(other).__name__}")
+        mine = (self.num_classes, self.dim, self.diagonal)
+        theirs = (other.num_classes, other.dim, other.diagonal)
+        if mine != theirs:
+            raise ValueError(f"cannot merge ClassCovariance (num_classes, dim, diagonal) = "
+                             f"{theirs} into {mine}")
+
+    @torch.no_grad()
+    def merge(self, other: "ClassCovariance") -> "ClassCovariance":
+        """Adds another estimator's statistics (fed other data) into this one; returns self."""
+        self._check_compatible(other)
+        self.n_seen.add_(other.n_seen.to(self.n_seen.device))
+        self.feat_sum.add_(other.feat_sum.to(self.feat_sum.device))
+        self.feat_sq_sum.add_(other.feat_sq_sum.to(self.feat_sq_sum.device))
+        return self
+
+    @torch.no_grad()
+    def all_reduce(self) -> "ClassCovariance":
+        """Sums the statistics over all ranks (sums and counts, never covariances).
+
+        A no-op when ``torch.distributed`` is not initialized. Call it on statistics that
+        each rank gathered alone: all-reducing a running estimator every step would count
+        the earlier steps ``world_size`` times. ``update(..., sync=True)`` does the right
+        thing for the per-step case.
+        """
+        if dist.is_available() and dist.is_initialized():
+            for t in (self.n_seen, self.feat_sum, self.feat_sq_sum):
+                dist.all_reduce(t)
+        return self
+
+    @torch.no_grad()
+    def reset(self) -> None:
+        """Forgets everything seen."""
+        for t in (self.n_seen, self.feat_sum, self.feat_sq_sum):
+            t.zero_()
+
+    # -- results (float64)
+    @property
+    def count(self) -> torch.Tensor:
+        """Positions seen per class, ``(K,)`` long."""
+        return self.n_seen.long()
+
+    @property
+    def mean(self) -> torch.Tensor:
+        """Per-class mean, ``(K, C)`` float64; zero for unseen classes."""
+        return self.feat_sum / self.n_seen.clamp_min(1)[:, None]
+
+    @property
+    def cov(self) -> torch.Tensor:
+        """Unbiased per-class covariance (``correction=1``, like ``torch.cov``), float64.
+
+        ``(K, C, C)``, or the variances ``(K, C)`` when diagonal; classes seen fewer than
+        twice get zeros.
+        """
+        n = self.n_seen
+        mean = self.mean
+        denom = (n - 1).clamp_min(1)
+        enough = n >= 2
+        if self.diagonal:
+            var = (self.feat_sq_sum - n[:, None] * mean.square()) / denom[:, None]
+            return torch.where(enough[:, None], var.clamp_min(0), 0.0)
+        # S - n mu mu^T in one allocation.
+        cov = torch.baddbmm(self.feat_sq_sum, mean.unsqueeze(2),
+                            (mean * n[:, None]).unsqueeze(1), alpha=-1)
+        cov.div_(denom[:, None, None])
+        return cov.mul_(enough[:, None, None])
+
+
+# --------------------------------------------------------------------------- closed forms
+
+def _pairwise_quadratic(weight: torch.Tensor, cov: torch.Tensor, diagonal: bool) -> torch.Tensor:
+    """``Q[y, j, k] = (w_j - w_k)^T Sigma_y (w_j - w_k)``, ``(Kc, K, K)``.
+
+    Through ``B_y = W Sigma_y W^T``: ``Q = b_j + b_k - 2 B_y[j, k]`` with ``b = diag B_y``,
+    symmetrized so that ``Q`` is exactly symmetric with an exactly zero diagonal.
+    """
+    if diagonal:
+        ws = weight.unsqueeze(0) * cov.unsqueeze(1)  # (Kc, K, C): W diag(Sigma_y)
+    else:
+        ws = torch.matmul(weight.unsqueeze(0), cov)  # (Kc, K, C): W Sigma_y
+    b = torch.matmul(ws, weight.T)  # (Kc, K, K)
+    d = torch.diagonal(b, dim1=1, dim2=2)  # (Kc, K)
+    q = d.unsqueeze(2) + d.unsqueeze(1) - (b + b.transpose(1, 2))
+    return q.clamp_min(0)
+
+
+def _logit_bound_chunk(z: torch.Tensor, p: torch.Tensor, logp: torch.Tensor, y: torch.Tensor,
+                       coef: torch.Tensor, weight: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Weighted sum over one chunk of positions of
+    ``sum_k p_k [log p_k + lse_j(z_j - z_k + c Q_y[j, k])]``.
+
+    ``z`` is already divided by the temperature; ``coef (n,)`` is ``c = lambda / (2 T^2)``
+    where the position is augmented and 0 where it is not; ``weight (n,)`` its weight in
+    the mean.
+    """
+    a = q.index_select(0, y).mul_(coef.view(-1, 1, 1))  # (n, K, K): c * Q_y[j, k]
+    a.add_(z.unsqueeze(2)).sub_(z.unsqueeze(1))  # + z_j - z_k   (j on dim 1, k on dim 2)
+    lse = torch.logsumexp(a, dim=1)  # (n, K), over j
+    per_position = (p * (logp + lse)).sum(1)  # (n,)
+    return (per_position * weight).sum()
+
+
+def fakd_logit_bound(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                     classifier_weight: torch.Tensor | nn.Module,
+                     class_cov: "torch.Tensor | ClassCovariance", masks: torch.Tensor, *,
+                     lam: float | torch.Tensor, temperature: float = 1.0,
+                     chunk_size: int = 4096, ignore_index: int = 255,
+                     keep_ignored: bool = False, validate: bool = True) -> torch.Tensor:
+    r"""Upper bound of pixel-wise KD averaged over infinitely many feature augmentations.
+
+    At a position of class ``y`` with student logits ``z = W f + b`` (rows ``w_j``) and
+    teacher probabilities ``p = softmax(z_t / T)``, augment ``f~ = f + eps`` with
+    ``eps ~ N(0, lam * Sigma_y)``, so ``z~ = z + W eps``. With
+    ``Delta_jk = w_j - w_k`` and ``Q_y[j, k] = Delta_jk^T Sigma_y Delta_jk``::
+
+        E KL(p || softmax(z~/T))
+          = sum_k p_k [ log p_k + E log sum_j exp((z~_j - z~_k)/T) ]
+         <= sum_k p_k [ log p_k + log sum_j E exp((z_j - z_k)/T + Delta_jk^T eps / T) ]
+          = sum_k p_k [ log p_k + logsumexp_j((z_j - z_k)/T + lam/(2 T^2) Q_y[j, k]) ]
+
+    The inequality is Jensen's (``log`` is concave, so ``E log X <= log E X``); the last
+    step is the Gaussian moment-generating function, ``E exp(a^T eps) =
+    exp(lam/2 a^T Sigma_y a)`` with ``a = Delta_jk / T``. The result is multiplied by
+    ``T^2`` (like pixel KD) and averaged over the labelled positions (ignored positions
+    have no class, hence no ``Sigma_y``: they are left out, or with ``keep_ignored`` kept
+    with plain KD, unaugmented).
+
+    Properties (tested): ``lam = 0`` gives pixel-wise KD exactly (``pixel_kd_loss`` with
+    ``mask = labels != ignore_index``; with ``keep_ignored``, without mask); the bound is never below
+    the Monte-Carlo mean of augmented KD losses and the gap is ``O(lam)``; with one-hot
+    ``p`` it is the ISDA surrogate ``CE(z + lam/2 * Q_y[:, y], y)``.
+
+    Gradients flow to ``student_logits`` and, as in ISDA's code, through ``Q`` to
+    ``classifier_weight``; never to the teacher or the covariance.
+
+    Args:
+        student_logits: head logits (before upsampling).
+        teacher_logits: the teacher's logits; bilinearly resized to the student's size.
+        classifier_weight: the student's classifier as ``(K, C)``, a ``(K, C, 1, 1)``
+            convolution weight, or the ``nn.Conv2d``/``nn.Linear`` itself. Kernels larger
+            than 1x1 are refused (they mix the noise of several positions).
+        class_cov: ``(Kc, C, C)``, diagonal ``(Kc, C)``, or a :class:`ClassCovariance`.
+        masks: labels at any size, nearest-resized to ``(h, w)``; they pick ``Sigma_y``.
+        lam: augmentation strength ``lambda`` (a float or a 0-dim tensor).
+        temperature: ``T``.
+        chunk_size: positions per chunk; the ``(n, K, K)`` log-sum-exp of a chunk is the
+            memory peak, and with gradients each chunk is recomputed in backward
+            (activation checkpointing) so nothing of size ``(N, K, K)`` is kept.
+        ignore_index: label of positions without a class.
+        keep_ignored: count ignored positions in the mean with their plain, unaugmented KD
+            (as :class:`kdnb.losses.PixelKDLoss` does by default, after CIRKD) instead of
+            leaving them out.
+        validate: check the label range (one host sync on a GPU); :class:`FAKDLoss`
+            turns it off because :meth:`ClassCovariance.update` checked the same masks.
+
+    Returns:
+        A 0-dim float32 tensor (float64 for float64 logits).
+
+    Shape:
+        ``student_logits (B, K, h, w)``, ``teacher_logits (B, K, h', w')``,
+        ``masks (B, H, W)``.
+
+    Reference:
+        Yuan et al., "FAKD: Feature Augmented Knowledge Distillation for Semantic
+        Segmentation", WACV 2024, arXiv 2208.14143 (soft targets: ours);
+        Wang et al., "Implicit Semantic Data Augmentation for Deep Networks", NeurIPS 2019,
+        arXiv 1909.12220 (the bound with one-hot targets).
+
+    Introduced in notebooks/03_semantic_direction_augmentation.ipynb.
+    """
+    what = "fakd_logit_bound"
+    _check_4d(student_logits, "student_logits", what)
+    _check_4d(teacher_logits, "teacher_logits", what)
+    B, K, h, w = student_logits.shape
+    if teacher_logits.shape[:2] != student_logits.shape[:2]:
+        raise ValueError(f"{what}: teacher_logits must be (B, K, ., .) = ({B}, {K}, ., .) like "
+                         f"the student's, got {tuple(teacher_logits.shape)}")
+    weight = _linear_weight(classifier_weight, what, "classifier")
+    cov, diagonal = _covariance_tensor(class_cov, what)
+    if weight.shape[0] != K:
+        raise ValueError(f"{what}: classifier_weight must have K = {K} rows (the logits' "
+                         f"classes), got {tuple(weight.shape)}")
+    if cov.shape[1] != weight.shape[1]:
+        raise ValueError(f"{what}: class_cov is over C = {cov.shape[1]} channels but the "
+                         f"classifier takes C = {weight.shape[1]} (weight {tuple(weight.shape)})")
+    if chunk_size < 1:
+        raise ValueError(f"{what}: chunk_size must be >= 1, got {chunk_size}")
+    num_cov_classes = cov.shape[0]
+    labels = _labels_at(masks.to(student_logits.device), (h, w), B, what)
+    if validate:
+        _check_labels(labels, num_cov_classes, ignore_index, what)
+
+    device, dtype = student_logits.device, _compute_dtype(student_logits)
+    with _no_autocast(device):
+        q = _pairwise_quadratic(weight.to(dtype), cov.to(device, dtype), diagonal)  # (Kc, K, K)
+        z = _flat(student_logits.to(dtype)) / temperature  # (N, K)
+        teacher = match_size(teacher_logits.detach().to(dtype), (h, w))
+        logp = F.log_softmax(_flat(teacher) / temperature, dim=1)  # (N, K)
+        p = logp.exp()
+        y = labels.reshape(-1)
+        valid = (y != ignore_index).to(dtype)
+        y = torch.where(y != ignore_index, y, 0)
+        coef = valid * (lam / (2.0 * temperature ** 2))  # no augmentation without a class
+        weight = torch.ones_like(valid) if keep_ignored else valid
+        track = torch.is_grad_enabled() and (z.requires_grad or q.requires_grad)
+        total = z.new_zeros(())
+        for start in range(0, z.shape[0], chunk_size):
+            part = slice(start, start + chunk_size)
+            args = (z[part], p[part], logp[part], y[part], coef[part], weight[part], q)
+            if track:
+                # Recomputed in backward: only the (n, K, K) of one chunk is ever alive.
+                total = total + checkpoint(_logit_bound_chunk, *args, use_reentrant=False,
+                                           preserve_rng_state=False)
+            else:
+                total = total + _logit_bound_chunk(*args)
+        return temperature ** 2 * total / weight.sum().clamp_min(1)
+
+
+def _adapter_noise(weight: torch.Tensor, cov: torch.Tensor, diagonal: bool) -> torch.Tensor:
+    """``diag(A Sigma_y A^T)`` per class: the variance the augmentation adds to each
+    adapted channel, ``(Kc, C_t)``."""
+    if diagonal:
+        return torch.matmul(cov, weight.square().T)  # sum_c Sigma_yc A_tc^2
+    return (torch.matmul(weight.unsqueeze(0), cov) * weight.unsqueeze(0)).sum(2)
+
+
+def _prepare_feature_bound(adapted: torch.Tensor, teacher: torch.Tensor,
+                           adapter_weight, class_cov, masks, ignore_index: int,
+                           validate: bool, what: str):
+    _check_4d(adapted, "adapted_student_feats", what)
+    _check_4d(teacher, "teacher_feats", what)
+    B, C_t, h, w = adapted.shape
+    weight = _linear_weight(adapter_weight, what, "adapter")
+    cov, diagonal = _covariance_tensor(class_cov, what)
+    if weight.shape[0] != C_t:
+        raise ValueError(f"{what}: adapter_weight must map to C_t = {C_t} channels (those of "
+                         f"adapted_student_feats), got {tuple(weight.shape)}")
+    if teacher.shape[:2] != (B, C_t):
+        raise ValueError(f"{what}: teacher_feats must be ({B}, {C_t}, ., .) like the adapted "
+                         f"student features, got {tuple(teacher.shape)}")
+    if cov.shape[1] != weight.shape[1]:
+        raise ValueError(f"{what}: class_cov is over C = {cov.shape[1]} channels but the "
+                         f"adapter takes C_s = {weight.shape[1]} (weight {tuple(weight.shape)})")
+    labels = _labels_at(masks.to(adapted.device), (h, w), B, what)
+    if validate:
+        _check_labels(labels, cov.shape[0], ignore_index, what)
+    dtype = _compute_dtype(adapted)
+    noise = _adapter_noise(weight.to(dtype), cov.to(adapted.device, dtype), diagonal)
+    valid = labels != ignore_index
+    # Per position: the variance added to each channel, zero where no class is known.
+    added = noise[torch.where(valid, labels, 0)] * valid.unsqueeze(-1)  # (B, h, w, C_t)
+    added = added.permute(0, 3, 1, 2)  # (B, C_t, h, w)
+    return match_size(teacher.detach().to(dtype), (h, w)), added
+
+
+def fakd_feature_bound(adapted_student_feats: torch.Tensor, teacher_feats: torch.Tensor,
+                       adapter_weight: torch.Tensor | nn.Module,
+                       class_cov: "torch.Tensor | ClassCovariance", masks: torch.Tensor, *,
+                       lam: float | torch.Tensor, ignore_index: int = 255,
+                       validate: bool = True) -> torch.Tensor:
+    """Feature MSE averaged over infinitely many augmentations: exact for a linear adapter.
+
+    With ``u = A f + b`` and ``eps ~ N(0, lam * Sigma_y)``::
+
+        E ||A (f + eps) + b - t||^2 = ||A f + b - t||^2 + lam * tr(A Sigma_y A^T)
+
+    (the cross term has zero mean). Averaged like the feature MSE loss,
+    ``mean((A f - t)^2)`` over all positions and channels, so the trace term is divided by
+    ``C_t`` and summed over labelled positions only: ignored positions are not augmented
+    and still count in the mean (ours). ``lam = 0`` gives the feature MSE loss exactly.
+    Gradients reach the adapted features and, through the trace, the adapter weight.
+
+    Args:
+        adapted_student_feats: ``A f_s + b``, the adapter's output.
+        teacher_feats: bilinearly resized to the student's size; detached.
+        adapter_weight: ``(C_t, C_s)``, ``(C_t, C_s, 1, 1)``, or the 1x1 ``nn.Conv2d`` /
+            ``ChannelAdapter`` (without BatchNorm) itself.
+        class_cov: over the *student* channels: ``(Kc, C_s, C_s)``, ``(Kc, C_s)`` or a
+            :class:`ClassCovariance`.
+        masks: labels, nearest-resized to ``(h, w)``.
+        lam: augmentation strength.
+        ignore_index: label of positions without augmentation.
+        validate: check the label range (one host sync on a GPU).
+
+    Returns:
+        A 0-dim float32 tensor (float64 for float64 features).
+
+    Shape:
+        ``adapted_student_feats (B, C_t, h, w)``, ``teacher_feats (B, C_t, h', w')``,
+        ``masks (B, H, W)``.
+
+    Reference:
+        Yuan et al., "FAKD: Feature Augmented Knowledge Distillation for Semantic
+        Segmentation", WACV 2024, arXiv 2208.14143.
+
+    Introduced in notebooks/03_semantic_direction_augmentation.ipynb.
+    """
+    what = "fakd_feature_bound"
+    with _no_autocast(adapted_student_feats.device):
+        teacher, added = _prepare_feature_bound(adapted_student_feats, teacher_feats,
+                                                adapter_weight, class_cov, masks,
+                                                ignore_index, validate, what)
+        mse = (adapted_student_feats.to(teacher.dtype) - teacher).square().mean()
+        return mse + lam * added.mean()
+
+
+def _channel_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
+    mean = x.mean((2, 3), keepdim=True)
+    var = x.var((2, 3), unbiased=False, keepdim=True)
+    return (x - mean) / torch.sqrt(var + eps)
+
+
+def fakd_nfd_bound(adapted_student_feats: torch.Tensor, teacher_feats: torch.Tensor,
+                   adapter_weight: torch.Tensor | nn.Module,
+                   class_cov: "torch.Tensor | ClassCovariance", masks: torch.Tensor, *,
+                   lam: float | torch.Tensor, eps: float = 1e-5, ignore_index: int = 255,
+                   validate: bool = True) -> torch.Tensor:
+    """NFD loss averaged over infinitely many augmentations: an approximation (ours).
+
+    NFD normalizes each sample and channel over its positions,
+    ``N(u) = (u - mu) / sqrt(var + eps)``, which is not linear in the noise, so there is no
+    closed form. The approximation holds the normalization statistics fixed: ``mu`` at its
+    clean value (the noise has zero mean) and ``var`` at its clean value *plus the expected
+    variance the noise adds*, ``lam * mean_positions (A Sigma_y A^T)_cc`` (ignored
+    positions add none). With ``s^2 = var + lam * mean(D) + eps`` the expectation is then
+    exact::
+
+        E (N~(u + A eps) - N(t))^2 = ((u - mu)/s - N(t))^2 + lam * D_y,c / s^2,
+        D_y,c = (A Sigma_y A^T)_cc
+
+    averaged over channels and positions like NFD. What it leaves out: the sampling
+    fluctuation of the per-sample mean and variance under the noise (``O(1 / (h w))``) and
+    the exact ``(1 - 1/(h w))`` factor of the expected biased variance. Its gap to Monte
+    Carlo is measured in tests/test_augment.py. ``lam = 0`` gives the NFD loss with
+    channel normalization exactly.
+
+    Args:
+        adapted_student_feats: ``A f_s + b``, the adapter's output.
+        teacher_feats: bilinearly resized to the student's size; detached.
+        adapter_weight: ``(C_t, C_s)``, ``(C_t, C_s, 1, 1)``, or the 1x1 module itself.
+        class_cov: over the student channels, full, diagonal or a :class:`ClassCovariance`.
+        masks: labels, nearest-resized to ``(h, w)``.
+        lam: augmentation strength.
+        eps: NFD's variance floor.
+        ignore_index: label of positions without augmentation.
+        validate: check the label range (one host sync on a GPU).
+
+    Returns:
+        A 0-dim float32 tensor (float64 for float64 features).
+
+    Shape:
+        ``adapted_student_feats (B, C_t, h, w)``, ``teacher_feats (B, C_t, h', w')``,
+        ``masks (B, H, W)``.
+
+    Reference:
+        Yuan et al., "FAKD: Feature Augmented Knowledge Distillation for Semantic
+        Segmentation", WACV 2024, arXiv 2208.14143; Liu, Yang, Chen, "Normalized Feature
+        Distillation for Semantic Segmentation", arXiv 2207.05256.
+
+    Introduced in notebooks/03_semantic_direction_augmentation.ipynb.
+    """
+    what = "fakd_nfd_bound"
+    with _no_autocast(adapted_student_feats.device):
+        teacher, added = _prepare_feature_bound(adapted_student_feats, teacher_feats,
+                                                adapter_weight, class_cov, masks,
+                                                ignore_index, validate, what)
+        u = adapted_student_feats.to(teacher.dtype)
+        mean = u.mean((2, 3), keepdim=True)
+        var = u.var((2, 3), unbiased=False, keepdim=True)
+        scale2 = var + lam * added.mean((2, 3), keepdim=True) + eps  # (B, C_t, 1, 1)
+        normalized = (u - mean) / torch.sqrt(scale2)
+        target = _channel_normalize(teacher, eps)
+        return ((normalized - target).square() + lam * added / scale2).mean()
+
+
+# --------------------------------------------------------------------------- module
+
+WeightSource = Union[nn.Module, Callable[[], torch.Tensor]]
+
+
+class FAKDLoss(nn.Module):
+    """FAKD for a trainer: keeps the class covariance, follows the schedule, returns the bound.
+
+    Contract of ``forward(student, teacher, masks)`` (the :mod:`kdnb.losses` one):
+
+    * ``student["feats"]``: the student's head feature ``(B, C_s, h, w)``, the input of its
+      1x1 classifier. In training mode it first updates the covariance (detached, under
+      no_grad, all-reduced under DDP, so every rank must call ``forward``; one host sync);
+      in eval mode the statistics are left alone.
+    * ``on="logits"``: ``student["logits"]`` are the classifier's output at the head
+      resolution ``(B, K, h, w)`` (before any upsampling) and ``teacher["logits"]`` the
+      teacher's; returns :func:`fakd_logit_bound`. The classifier is the one given to the
+      constructor, else ``student["classifier_weight"]`` (``(K, C_s)`` or
+      ``(K, C_s, 1, 1)``).
+    * ``on="feats"`` / ``"nfd"``: ``teacher["feats"] (B, C_t, h', w')``; the student
+      feature goes through the adapter here; returns :func:`fakd_feature_bound` or
+      :func:`fakd_nfd_bound` (channel normalization).
+    * ``masks (B, H, W)`` at any size, ``ignore_index`` skipped; required.
+
+    The bound *contains* the loss it augments: at ``lam = 0`` it is pixel KD (over
+    labelled pixels, or all with ``keep_ignored``), feature MSE or NFD. So "kd + fakd"
+    means this module *in place of* :class:`~kdnb.losses.PixelKDLoss`, not beside it.
+
+    A classifier or adapter given to the constructor is held by reference, not as a
+    submodule: its parameters stay the student's (or the NFD loss's), its current weight
+    is read at every call, and this module's ``state_dict`` does not hold it. Without an
+    ``adapter`` (``on="feats"``/``"nfd"``) the module owns one when the channels differ,
+    like the other feature losses: give its parameters to the optimizer. The covariance
+    statistics are buffers, so ``state_dict`` resumes them exactly (315 MB in float64 at
+    K = 150, C_s = 512 when full). ``lam`` is not saved: call :meth:`set_progress` every
+    step (it starts at 0).
+
+    Args:
+        num_classes: ``K``.
+        student_channels: ``C_s`` of the head feature.
+        teacher_channels: ``C_t`` (``on="feats"``/``"nfd"`` without an ``adapter``).
+        classifier: the student's 1x1 classifier (``nn.Conv2d``/``nn.Linear``) or a
+            callable returning its weight (``on="logits"``); refused at once if not 1x1.
+        adapter: a 1x1 student-to-teacher module to share (``nn.Conv2d`` or a
+            :class:`~kdnb.features.ChannelAdapter` without BatchNorm).
+        on: which loss to augment: ``"logits"``, ``"feats"`` or ``"nfd"``.
+        lambda_0: final augmentation strength; ISDA uses 7.5 for ResNets.
+        temperature: KD temperature ``T`` (``on="logits"``).
+        diagonal: keep per-channel variances only.
+        ignore_index: label to skip.
+        keep_ignored: ``on="logits"``: count ignored pixels with plain KD (see
+            :func:`fakd_logit_bound`).
+        chunk_size: positions per chunk of the logit bound.
+        nfd_eps: NFD's variance floor (``on="nfd"``).
+
+    Shape:
+        see the contract above; returns a 0-dim tensor.
+
+    Reference:
+        Yuan et al., "FAKD: Feature Augmented Knowledge Distillation for Semantic
+        Segmentation", WACV 2024, arXiv 2208.14143; Wang et al., "Implicit Semantic Data
+        Augmentation for Deep Networks", NeurIPS 2019, arXiv 1909.12220 (schedule).
+
+    Introduced in notebooks/03_semantic_direction_augmentation.ipynb.
+    """
+
+    def __init__(self, num_classes: int, student_channels: int, *,
+                 teacher_channels: int | None = None, classifier: WeightSource | None = None,
+                 adapter: nn.Module | None = None, on: str = "logits", lambda_0: float = 7.5,
+                 temperature: float = 1.0, diagonal: bool = False, ignore_index: int = 255,
+                 keep_ignored: bool = False, chunk_size: int = 4096, nfd_eps: float = 1e-5):
+        super().__init__()
+        if on not in ("logits", "feats", "nfd"):
+            raise ValueError(f"FAKDLoss: on must be 'logits', 'feats' or 'nfd', got {on!r}")
+        if lambda_0 < 0 or temperature <= 0:
+            raise ValueError(f"FAKDLoss needs lambda_0 >= 0 and temperature > 0, got "
+                             f"{lambda_0} and {temperature}")
+        if isinstance(classifier, nn.Module):
+            _linear_weight(classifier, "FAKDLoss", "classifier")  # refuse a 3x3 head now
+        self.owned_adapter: nn.Module | None = None
+        if adapter is not None:
+            _linear_weight(adapter, "FAKDLoss", "adapter")
+        elif on != "logits":
+            if teacher_channels is None:
+                raise ValueError(f"FAKDLoss(on={on!r}) needs teacher_channels or an adapter")
+            from kdnb.losses.feature import make_adapter
+            self.owned_adapter = make_adapter(student_channels, teacher_channels)
+        self.on, self.lambda_0, self.temperature = on, float(lambda_0), float(temperature)
+        self.ignore_index, self.keep_ignored = ignore_index, keep_ignored
+        self.chunk_size, self.nfd_eps = chunk_size, nfd_eps
+        # Tuples keep nn.Module from registering them as submodules (see the docstring).
+        self._classifier = (classifier,)
+        self._adapter = (adapter,)
+        self.covariance = ClassCovariance(num_classes, student_channels, diagonal=diagonal,
+                                          ignore_index=ignore_index)
+        self.lam = 0.0
+
+    def extra_repr(self) -> str:
+        return (f"on={self.on!r}, lambda_0={self.lambda_0}, lam={self.lam:.4g}, "
+                f"temperature={self.temperature}")
+
+    def set_progress(self, step: int, total_steps: int) -> float:
+        """ISDA's schedule: ``lam = lambda_0 * step / total_steps``; returns ``lam``."""
+        if total_steps <= 0 or step < 0:
+            raise ValueError(f"set_progress needs 0 <= step and total_steps > 0, got "
+                             f"step={step}, total_steps={total_steps}")
+        self.lam = self.lambda_0 * step / total_steps
+        return self.lam
+
+    def _classifier_weight(self, student: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        source = self._classifier[0]
+        if source is None:
+            if "classifier_weight" not in student:
+                raise KeyError("FAKDLoss(on='logits') needs the student's classifier: pass "
+                               "classifier= to the constructor or student['classifier_weight']")
+            source = student["classifier_weight"]
+        elif not isinstance(source, nn.Module):
+            source = source()
+        return _linear_weight(source, "FAKDLoss", "classifier")
+
+    def _adapter_and_weight(self, feats: torch.Tensor):
+        adapter = self._adapter[0] if self._adapter[0] is not None else self.owned_adapter
+        if adapter is None:  # equal channels and no adapter: the identity
+            eye = torch.eye(feats.shape[1], device=feats.device, dtype=_compute_dtype(feats))
+            return feats, eye
+        return adapter(feats), adapter
+
+    def forward(self, student: Mapping[str, torch.Tensor], teacher: Mapping[str, torch.Tensor],
+                masks: torch.Tensor) -> torch.Tensor:
+        need_s = ("feats", "logits") if self.on == "logits" else ("feats",)
+        need_t = ("logits",) if self.on == "logits" else ("feats",)
+        for side, need, got in (("student", need_s, student), ("teacher", need_t, teacher)):
+            missing = [k for k in need if k not in got]
+            if missing:
+                raise KeyError(f"FAKDLoss(on={self.on!r}) needs {side}[{missing[0]!r}]; "
+                               f"got keys {sorted(got)}")
+        if masks is None:
+            raise ValueError("FAKDLoss needs masks (B, H, W): they pick each position's class")
+        feats = student["feats"]
+        if self.training:
+            self.covariance.update(feats, masks, sync=True)
+        validate = not self.training  # update() has already checked these labels
+        if self.on == "logits":
+            return fakd_logit_bound(student["logits"], teacher["logits"],
+                                    self._classifier_weight(student), self.covariance, masks,
+                                    lam=self.lam, temperature=self.temperature,
+                                    chunk_size=self.chunk_size, ignore_index=self.ignore_index,
+                                    keep_ignored=self.keep_ignored, validate=validate)
+        adapted, weight = self._adapter_and_weight(feats)
+        if self.on == "feats":
+            return fakd_feature_bound(adapted, teacher["feats"], weight, self.covariance, masks,
+                                      lam=self.lam, ignore_index=self.ignore_index,
+                                      validate=validate)
+        return fakd_nfd_bound(adapted, teacher["feats"], weight, self.covariance, masks,
+                              lam=self.lam, eps=self.nfd_eps, ignore_index=self.ignore_index,
+                              validate=validate)

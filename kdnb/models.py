@@ -1,0 +1,173 @@
+"""Teacher and student presets over segmentation-models-pytorch.
+
+Every preset is a :class:`SegModel`: an smp network behind a fixed input normalization
+(images go in as floats in [0, 1], so datasets, plots and checkpoints never disagree on
+statistics), padding to the network's stride, and the name of its *classifier*: the final
+1x1 convolution whose input is the head feature that feature distillation taps.
+
+Two families:
+
+* the paper pairs of METHODS.md (DeepLabV3-ResNet101 teacher; DeepLabV3-ResNet18,
+  PSPNet-ResNet18 and DeepLabV3-MobileNetV2 students; output stride 8);
+* CPU presets sized for SynthScenes, which train in minutes on two cores.
+
+Introduced in notebooks/00_setup_and_data.ipynb.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+
+import segmentation_models_pytorch as smp
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named model recipe.
+
+    Attributes:
+        arch: smp class name (``"FPN"``, ``"DeepLabV3"``, ``"PSPNet"``...).
+        encoder: smp encoder name.
+        kwargs: further arguments of the smp class.
+        role: ``"teacher"`` or ``"student"`` (a hint for the CLI and the notebooks).
+        description: one line for ``kdnb presets``.
+        classifier: module path of the final classifier; its input is the head feature.
+        head_kernel: if set, the classifier is replaced by a convolution of this size.
+            PSPNet's stock head is 3x3; a 1x1 head keeps the classifier linear on each
+            position, which FAKD's closed form needs (ours).
+    """
+
+    arch: str
+    encoder: str
+    kwargs: dict = field(default_factory=dict)
+    role: str = "student"
+    description: str = ""
+    classifier: str = "segmentation_head.0"
+    head_kernel: int | None = None
+
+
+PRESETS: dict[str, Preset] = {
+    # Paper pairs (CIRKD's Cityscapes table).
+    "deeplabv3-r101": Preset("DeepLabV3", "resnet101", {"encoder_output_stride": 8}, "teacher",
+                             "paper teacher, DeepLabV3-ResNet101, output stride 8"),
+    "deeplabv3-r18": Preset("DeepLabV3", "resnet18", {"encoder_output_stride": 8}, "student",
+                            "paper student, DeepLabV3-ResNet18, output stride 8"),
+    "deeplabv3-mbv2": Preset("DeepLabV3", "mobilenet_v2", {"encoder_output_stride": 8}, "student",
+                             "paper student, DeepLabV3-MobileNetV2, output stride 8"),
+    "pspnet-r18": Preset("PSPNet", "resnet18", {"encoder_depth": 3, "upsampling": 8}, "student",
+                         "paper student, PSPNet-ResNet18 (stride 8), 1x1 classifier", head_kernel=1),
+    # CPU presets sized for SynthScenes.
+    "synth-teacher": Preset("FPN", "resnet34", {}, "teacher",
+                            "SynthScenes teacher, FPN-ResNet34 (23 M parameters)"),
+    "synth-student": Preset("FPN", "mobilenet_v2",
+                            {"decoder_pyramid_channels": 64, "decoder_segmentation_channels": 32},
+                            "student", "SynthScenes student, FPN-MobileNetV2, thin decoder (2.4 M)"),
+}
+
+
+class SegModel(nn.Module):
+    """An smp network with input normalization, stride padding and a named classifier.
+
+    Args:
+        net: the smp model.
+        preset: name of the preset it was built from (checked when a checkpoint loads).
+        num_classes: number of output classes.
+        classifier: module path (inside ``net``) of the final classifier.
+
+    Shape:
+        ``forward``: images ``(B, 3, H, W)`` in [0, 1] -> logits ``(B, K, H, W)``.
+    """
+
+    def __init__(self, net: nn.Module, *, preset: str, num_classes: int,
+                 classifier: str = "segmentation_head.0"):
+        super().__init__()
+        self.net = net
+        self.preset = preset
+        self.num_classes = num_classes
+        self.classifier_name = "net." + classifier
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self.stride = int(getattr(getattr(net, "encoder", None), "output_stride", 32))
+
+    @property
+    def classifier(self) -> nn.Conv2d:
+        """The final classifier; its input is the head feature, its output the logits."""
+        return self.get_submodule(self.classifier_name)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"expected images of shape (B, 3, H, W), got {tuple(images.shape)}")
+        h, w = images.shape[-2:]
+        x = (images - self.mean) / self.std
+        # smp networks need sides divisible by their stride: pad with the mean colour (0
+        # after normalization) and crop the logits back.
+        ph, pw = (-h) % self.stride, (-w) % self.stride
+        if ph or pw:
+            x = F.pad(x, (0, pw, 0, ph))
+        logits = self.net(x)
+        return logits[..., :h, :w] if (ph or pw) else logits
+
+
+def available_presets() -> list[str]:
+    return sorted(PRESETS)
+
+
+def get_preset(name: str) -> Preset:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown model preset {name!r}; choose one of: "
+                         f"{', '.join(available_presets())}") from None
+
+
+def build_model(preset: str, num_classes: int, *, encoder_weights: str | None = None,
+                **overrides) -> SegModel:
+    """Builds a preset.
+
+    Args:
+        preset: a name from :data:`PRESETS` (``kdnb presets`` lists them).
+        num_classes: number of output classes.
+        encoder_weights: ``"imagenet"`` to start from pretrained encoder weights (needs the
+            network, or a warm Hugging Face / torch hub cache), or None for random init.
+        **overrides: replace any smp keyword of the preset.
+
+    Returns:
+        A :class:`SegModel` in training mode.
+    """
+    spec = get_preset(preset)
+    if num_classes < 2:
+        raise ValueError(f"num_classes={num_classes}: a segmentation model needs at least 2")
+    cls = getattr(smp, spec.arch)
+    kwargs = {**spec.kwargs, **overrides}
+    try:
+        net = cls(encoder_name=spec.encoder, encoder_weights=encoder_weights,
+                  classes=num_classes, **kwargs)
+    except Exception as err:  # smp raises many kinds of network errors
+        if encoder_weights is None:
+            raise
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+        raise RuntimeError(
+            f"could not load {encoder_weights!r} weights for encoder {spec.encoder!r} "
+            f"({type(err).__name__}: {err}). "
+            + ("HF_HUB_OFFLINE=1 is set, so nothing is downloaded. " if offline else "")
+            + "Fetch them once with `kdnb weights --preset " + preset + "` on a machine with "
+            "internet (they land in the Hugging Face / torch hub cache), or pass "
+            "encoder_weights=None to start from random weights.") from err
+    if spec.head_kernel is not None:
+        old = net.get_submodule(spec.classifier)
+        new = nn.Conv2d(old.in_channels, num_classes, spec.head_kernel, padding=spec.head_kernel // 2)
+        parent_name, _, child = spec.classifier.rpartition(".")
+        setattr(net.get_submodule(parent_name), child, new)
+    return SegModel(net, preset=preset, num_classes=num_classes, classifier=spec.classifier)
+
+
+def preset_config(preset: str) -> dict:
+    """The preset as a plain dict (saved in run configs and checkpoints)."""
+    return dataclasses.asdict(get_preset(preset))

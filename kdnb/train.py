@@ -1,0 +1,464 @@
+"""Training: the loop, checkpoints, exact resume, evaluation.
+
+One code path for CPU and CUDA (bf16 autocast and channels-last on CUDA), for one process
+and for ``torchrun`` (DDP). The data order is a pure function of ``(seed, step)`` and
+every augmentation is seeded per sample, so a run resumed from a checkpoint at step k
+continues exactly as if it had never stopped.
+
+A run directory holds ``config.json``, ``metrics.jsonl`` (one JSON record per line),
+checkpoints ``ckpt-<step>.pt`` (written atomically) and ``final.json``.
+
+Introduced in notebooks/00_setup_and_data.ipynb.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import time
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from . import __version__
+from .config import TrainConfig
+from .data import build_dataset, dataset_info
+from .metrics import SegMetric
+from .models import SegModel, build_model, get_preset
+
+IGNORE_INDEX = 255
+Callback = Callable[[dict], None]
+
+
+# --------------------------------------------------------------------------- machine
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        if dist.is_available() and dist.is_initialized() and torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device={name!r} but CUDA is not available here: use --device cpu")
+    return device
+
+
+def init_distributed() -> tuple[int, int]:
+    """Joins the process group when launched by ``torchrun``; returns ``(rank, world)``."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group(backend)
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+# --------------------------------------------------------------------------- data order
+class StepSampler(Sampler):
+    """Batches of ``(index, epoch)`` keys for steps ``start..steps-1``, a function of the seed.
+
+    Epoch ``e`` is a permutation drawn from ``seed + e``; a global batch is the next
+    ``batch_size`` keys (an epoch's remainder is dropped), and DDP rank ``r`` of ``world``
+    takes keys ``r::world`` of it. Resuming at step k therefore reproduces exactly the
+    batches an uninterrupted run would have seen.
+    """
+
+    def __init__(self, n: int, batch_size: int, steps: int, *, seed: int, start: int = 0,
+                 rank: int = 0, world: int = 1):
+        if n < batch_size:
+            raise ValueError(f"the training set has {n} samples, fewer than one batch of "
+                             f"{batch_size}: lower --batch-size or add data")
+        if batch_size % world:
+            raise ValueError(f"batch size {batch_size} is not divisible by {world} processes")
+        self.n, self.batch_size, self.steps, self.seed = n, batch_size, steps, seed
+        self.start, self.rank, self.world = start, rank, world
+        self.per_epoch = n // batch_size
+
+    def __len__(self) -> int:
+        return self.steps - self.start
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        epoch, order = -1, None
+        for step in range(self.start, self.steps):
+            e, b = divmod(step, self.per_epoch)
+            if e != epoch:
+                epoch = e
+                order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + e))
+            keys = order[b * self.batch_size:(b + 1) * self.batch_size].tolist()
+            yield [(i, e) for i in keys[self.rank::self.world]]
+
+
+def collate(batch):
+    images, masks = zip(*batch)
+    return torch.stack(images), torch.stack(masks)
+
+
+# --------------------------------------------------------------------------- schedule
+def poly_lambda(steps: int, power: float, warmup: int = 0) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, 1 - step / steps) ** power
+    return factor
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+# --------------------------------------------------------------------------- checkpoints
+def atomic_save(obj, path: Path) -> None:
+    """Writes to a temporary file in the same folder, fsyncs it, then renames it over
+    ``path``: a reader sees the old file or the new one, never half of one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    try:  # make the rename itself durable
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    np_state = np.random.get_state()
+    state["numpy"] = (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)),
+                      *np_state[2:])
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def checkpoint_paths(run_dir: Path) -> list[Path]:
+    """Checkpoints of a run, newest first."""
+    return sorted(Path(run_dir).glob("ckpt-*.pt"), key=lambda p: p.name, reverse=True)
+
+
+def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
+    """Loads a kdnb checkpoint safely (``weights_only=True``: no code runs on load)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist: pass the path of a "
+                                "ckpt-*.pt or model.pt file written by kdnb")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:
+        raise RuntimeError(f"checkpoint {path} is unreadable ({type(err).__name__}: {err}); it "
+                           "may be truncated or not a kdnb checkpoint: use an earlier one") from err
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "preset" not in ckpt:
+        raise RuntimeError(f"{path} is not a kdnb checkpoint (no 'model' and 'preset' entries)")
+    return ckpt
+
+
+def model_from_checkpoint(path: str | Path, *, preset: str | None = None,
+                          num_classes: int | None = None, map_location="cpu") -> SegModel:
+    """Rebuilds the model saved in a checkpoint, checking preset and class count."""
+    ckpt = load_checkpoint(path, map_location)
+    if preset is not None and preset != ckpt["preset"]:
+        raise ValueError(f"checkpoint {path} holds preset {ckpt['preset']!r}, not {preset!r}: "
+                         f"pass --model {ckpt['preset']} or another checkpoint")
+    if num_classes is not None and num_classes != ckpt["num_classes"]:
+        raise ValueError(f"checkpoint {path} predicts {ckpt['num_classes']} classes but the "
+                         f"dataset has {num_classes}: it was trained on another dataset")
+    model = build_model(ckpt["preset"], ckpt["num_classes"])
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as err:
+        raise ValueError(f"checkpoint {path} does not fit preset {ckpt['preset']!r} "
+                         f"({str(err).splitlines()[0]}): it was written by another model") from err
+    return model
+
+
+# --------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def evaluate(model: nn.Module, dataset: Dataset, *, num_classes: int, batch_size: int = 16,
+             device: torch.device | str = "cpu", amp: bool = True, progress: bool = False,
+             rank: int = 0, world: int = 1) -> dict:
+    """mIoU, per-class IoU and pixel accuracy of ``model`` on ``dataset``.
+
+    Under DDP each rank evaluates a strided shard and the confusion matrices are summed.
+    """
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    metric = SegMetric(num_classes, IGNORE_INDEX, device=device)
+    indices = list(range(rank, len(dataset), world))
+    batches = [indices[i:i + batch_size] for i in range(0, len(indices), batch_size)]
+    if progress:
+        from tqdm.auto import tqdm
+        batches = tqdm(batches, desc="eval", leave=False)
+    use_amp = amp and device.type == "cuda"
+    for batch in batches:
+        images, masks = collate([dataset[i] for i in batch])
+        images, masks = images.to(device, non_blocking=True), masks.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+            logits = model(images)
+        metric.update(logits.argmax(1), masks)
+    metric.all_reduce()
+    model.train(was_training)
+    return metric.compute()
+
+
+# --------------------------------------------------------------------------- the loop
+def config_hash(cfg: TrainConfig) -> str:
+    """A short hash of everything that changes the trained weights (cache key)."""
+    d = cfg.to_dict()
+    for k in ("eval_every", "log_every", "ckpt_every", "keep_checkpoints", "workers",
+              "threads", "eval_batch_size", "device"):
+        d.pop(k, None)
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
+
+
+class Trainer:
+    """Supervised training of one model (a teacher, or a student baseline).
+
+    Args:
+        cfg: the run's :class:`TrainConfig`.
+        run_dir: where config, metrics, checkpoints and results go.
+        callbacks: functions called with every log record (``{"kind": "train" | "eval",
+            "step", ...}``): notebooks draw live curves with them.
+        progress: show a tqdm bar.
+
+    Call :meth:`fit` (``resume=True`` continues from the newest good checkpoint).
+    """
+
+    def __init__(self, cfg: TrainConfig, run_dir: str | Path, *,
+                 callbacks: list[Callback] | None = None, progress: bool = True):
+        self.cfg, self.run_dir = cfg, Path(run_dir)
+        self.callbacks = list(callbacks or [])
+        self.progress = progress
+        self.rank, self.world = init_distributed()
+        self.device = resolve_device(cfg.device)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        info = dataset_info(cfg.data)
+        self.num_classes = info["num_classes"]
+        get_preset(cfg.model)  # fail on a bad preset name before any data is read
+        self.train_set = build_dataset(cfg.data, cfg.root, "train", train=True,
+                                       crop_size=cfg.crop_size, scale_range=cfg.scale_range,
+                                       flip=cfg.flip, seed=cfg.seed, **cfg.data_kwargs)
+        self.eval_set = build_dataset(cfg.data, cfg.root, cfg.eval_split, train=False,
+                                      **cfg.data_kwargs)
+        seed_everything(cfg.seed)
+        model = build_model(cfg.model, self.num_classes, encoder_weights=cfg.encoder_weights)
+        if self.world > 1 and cfg.sync_bn:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        self.cuda = self.device.type == "cuda"
+        model = model.to(self.device)
+        if self.cuda and cfg.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        self.model = model
+        self.ddp = (nn.parallel.DistributedDataParallel(model, device_ids=[self.device.index] if self.cuda else None)
+                    if self.world > 1 else model)
+        self.optimizer = build_optimizer(model, cfg)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, poly_lambda(cfg.steps, cfg.poly_power, cfg.warmup_steps))
+        self.step = 0
+        self.best = None
+
+    # -- hooks for subclasses (the distillation trainer extends these)
+    def extra_state(self) -> dict:
+        return {}
+
+    def load_extra_state(self, state: dict) -> None:
+        pass
+
+    def train_step(self, images: torch.Tensor, masks: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One optimizer step; returns detached loss tensors (no host sync)."""
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cuda and self.cfg.amp):
+            logits = self.ddp(images)
+            loss = F.cross_entropy(logits.float(), masks, ignore_index=IGNORE_INDEX)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return {"loss": loss.detach()}
+
+    # -- bookkeeping
+    def emit(self, record: dict) -> None:
+        if self.rank == 0:
+            with open(self.run_dir / "metrics.jsonl", "a") as fh:
+                fh.write(json.dumps(record) + "\n")
+        for callback in self.callbacks:
+            callback(record)
+
+    def state_dict(self) -> dict:
+        model = unwrap(self.ddp)
+        return {
+            "model": unwrap(model).state_dict(), "preset": self.model.preset,
+            "num_classes": self.num_classes, "kdnb_version": __version__,
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            "step": self.step, "rng": rng_state(), "config": self.cfg.to_dict(),
+            "extra": self.extra_state(),
+        }
+
+    def save(self) -> Path | None:
+        if self.rank != 0:
+            return None
+        path = self.run_dir / f"ckpt-{self.step:07d}.pt"
+        atomic_save(self.state_dict(), path)
+        for old in checkpoint_paths(self.run_dir)[self.cfg.keep_checkpoints:]:
+            old.unlink(missing_ok=True)
+        return path
+
+    def load(self, ckpt: dict) -> None:
+        if ckpt["preset"] != self.model.preset or ckpt["num_classes"] != self.num_classes:
+            raise ValueError(f"checkpoint holds {ckpt['preset']!r} with {ckpt['num_classes']} "
+                             f"classes; this run trains {self.model.preset!r} with "
+                             f"{self.num_classes}: use another run directory")
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.step = int(ckpt["step"])
+        set_rng_state(ckpt["rng"])
+        self.load_extra_state(ckpt.get("extra", {}))
+
+    def resume(self) -> bool:
+        """Loads the newest checkpoint that reads back; returns False if there is none."""
+        errors = []
+        for path in checkpoint_paths(self.run_dir):
+            try:
+                ckpt = load_checkpoint(path, map_location=self.device)
+            except RuntimeError as err:
+                errors.append(str(err))
+                continue
+            self.load(ckpt)
+            if errors:
+                print(f"kdnb: skipped unreadable checkpoints: {'; '.join(errors)}")
+            return True
+        return False
+
+    def _check_config(self) -> None:
+        path = self.run_dir / "config.json"
+        saved = json.loads(path.read_text()) if path.is_file() else None
+        current = json.loads(json.dumps(self.cfg.to_dict()))
+        if saved is not None and saved != current:
+            diff = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+            raise ValueError(f"{self.run_dir} holds a run with another config (differs in "
+                             f"{diff}): resume with the same settings or use a new --run-dir")
+        if self.rank == 0:
+            self.cfg.save(path)
+
+    def fit(self, *, resume: bool = False) -> dict:
+        """Trains to ``cfg.steps`` and returns the final evaluation record."""
+        cfg = self.cfg
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if resume:
+            self._check_config()
+            self.resume()
+        else:
+            if checkpoint_paths(self.run_dir):
+                raise FileExistsError(f"{self.run_dir} already holds checkpoints: pass --resume "
+                                      "to continue that run, or choose a new --run-dir")
+            self._check_config()
+        sampler = StepSampler(len(self.train_set), cfg.batch_size, cfg.steps, seed=cfg.seed,
+                              start=self.step, rank=self.rank, world=self.world)
+        loader = DataLoader(self.train_set, batch_sampler=sampler, num_workers=cfg.workers,
+                            collate_fn=collate, pin_memory=self.cuda)
+        bar = None
+        if self.progress and self.rank == 0:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=cfg.steps, initial=self.step, desc=f"train {cfg.model}",
+                       dynamic_ncols=True)
+        self.model.train()
+        sums: dict[str, torch.Tensor] = {}
+        count, t0 = 0, time.perf_counter()
+        for images, masks in loader:
+            images = images.to(self.device, non_blocking=True)
+            masks = masks.to(self.device, non_blocking=True)
+            if self.cuda and cfg.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            losses = self.train_step(images, masks)
+            self.scheduler.step()
+            self.step += 1
+            for k, v in losses.items():  # summed on the device: no sync per step
+                sums[k] = sums[k] + v if k in sums else v.clone()
+            count += 1
+            if bar is not None:
+                bar.update(1)
+            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                record = {"kind": "train", "step": self.step,
+                          **{k: (v / count).item() for k, v in sums.items()},
+                          "lr": self.scheduler.get_last_lr()[0],
+                          "s_per_step": (time.perf_counter() - t0) / count}
+                if not all(math.isfinite(v) for k, v in record.items() if k not in ("kind",)):
+                    raise FloatingPointError(f"non-finite loss at step {self.step}: {record}; "
+                                             "lower the learning rate or check the data")
+                self.emit(record)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{record['loss']:.3f}")
+                sums, count, t0 = {}, 0, time.perf_counter()
+            last = self.step == cfg.steps
+            if cfg.eval_every and self.step % cfg.eval_every == 0 and not last:
+                self.emit({"kind": "eval", "step": self.step, "split": cfg.eval_split,
+                           **self.evaluate()})
+            if (cfg.ckpt_every and self.step % cfg.ckpt_every == 0) or last:
+                self.save()
+        if bar is not None:
+            bar.close()
+        final = {"kind": "eval", "step": self.step, "split": cfg.eval_split, **self.evaluate()}
+        self.emit(final)
+        if self.rank == 0:
+            atomic_save_json(final, self.run_dir / "final.json")
+            self.export(self.run_dir / "model.pt")
+        return final
+
+    def evaluate(self, dataset: Dataset | None = None) -> dict:
+        return evaluate(self.model, dataset or self.eval_set, num_classes=self.num_classes,
+                        batch_size=self.cfg.eval_batch_size, device=self.device,
+                        amp=self.cfg.amp, rank=self.rank, world=self.world)
+
+    def export(self, path: Path) -> None:
+        """Writes the weights alone (what ``kdnb eval`` and distillation load)."""
+        atomic_save({"model": self.model.state_dict(), "preset": self.model.preset,
+                     "num_classes": self.num_classes, "kdnb_version": __version__,
+                     "config": self.cfg.to_dict(), "step": self.step}, path)
+
+
+def atomic_save_json(obj, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
