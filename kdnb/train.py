@@ -396,8 +396,11 @@ class Trainer:
             self._check_config()
         sampler = StepSampler(len(self.train_set), cfg.batch_size, cfg.steps, seed=cfg.seed,
                               start=self.step, rank=self.rank, world=self.world)
+        # The loader gets its own generator: drawing its base seed from the global RNG would
+        # shift dropout's random stream on resume.
         loader = DataLoader(self.train_set, batch_sampler=sampler, num_workers=cfg.workers,
-                            collate_fn=collate, pin_memory=self.cuda)
+                            collate_fn=collate, pin_memory=self.cuda,
+                            generator=torch.Generator().manual_seed(cfg.seed))
         bar = None
         if self.progress and self.rank == 0:
             from tqdm.auto import tqdm

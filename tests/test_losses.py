@@ -79,6 +79,16 @@ def test_non_negative(name):
         assert FUNCTIONAL[name](s, t, masks).item() >= 0
 
 
+@pytest.mark.parametrize("name", FUNCTIONAL)
+def test_functional_forms_detach_the_teacher(name):
+    s, t, masks = matched_inputs()
+    s.requires_grad_()
+    t.requires_grad_()
+    FUNCTIONAL[name](s, t, masks).backward()
+    assert t.grad is None
+    assert torch.isfinite(s.grad).all() and s.grad.abs().sum() > 0
+
+
 @pytest.mark.parametrize("name", [n for n in FUNCTIONAL if n != "skd"])
 def test_same_value_at_twice_the_resolution(name):
     """Mean-based losses, CWD (a KL between distributions), AT (a squared norm of unit
@@ -228,7 +238,8 @@ def test_pixel_kd_module_ignore_index_resizes_masks():
 
 
 def test_pixel_kd_temperature_squared_scaling():
-    s, t = randn(2, K, 4, 4, seed=1, dtype=torch.float64), randn(2, K, 4, 4, seed=2, dtype=torch.float64)
+    s = randn(2, K, 4, 4, seed=1, dtype=torch.float64)
+    t = randn(2, K, 4, 4, seed=2, dtype=torch.float64)
     torch.testing.assert_close(pixel_kd_loss(s, t, temperature=3.0),
                                9 * pixel_kd_loss(s / 3, t / 3))
     # T^2 * KL has a finite limit: (1 / 2K) * ||d - mean(d)||^2 per pixel, d = z_s - z_t
@@ -253,7 +264,8 @@ def pearson(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def test_dist_matches_pearson_over_pooled_pixels():
-    s, t = randn(2, K, 3, 3, seed=1, dtype=torch.float64), randn(2, K, 3, 3, seed=2, dtype=torch.float64)
+    s = randn(2, K, 3, 3, seed=1, dtype=torch.float64)
+    t = randn(2, K, 3, 3, seed=2, dtype=torch.float64)
     temperature = 2.0
     p_s = torch.softmax(s / temperature, 1).permute(0, 2, 3, 1).reshape(-1, K)  # (B*h*w, K)
     p_t = torch.softmax(t / temperature, 1).permute(0, 2, 3, 1).reshape(-1, K)
@@ -285,20 +297,29 @@ def structured_features() -> torch.Tensor:
     """Offsets per sample, per channel and per pixel, and a scale per channel, so that
     normalizing over one set of axes does not normalize over another by accident."""
     b, c, h, w = 3, 4, 5, 6
-    x = randn(b, c, h, w, seed=1) * (1 + 2 * torch.rand(1, c, 1, 1, generator=torch.Generator().manual_seed(2)))
+    scale = 1 + 2 * torch.rand(1, c, 1, 1, generator=torch.Generator().manual_seed(2))
+    x = randn(b, c, h, w, seed=1) * scale
     return (x + 3 * randn(b, 1, 1, 1, seed=3) + 3 * randn(1, c, 1, 1, seed=4)
             + 3 * randn(1, 1, h, w, seed=5))
 
 
-@pytest.mark.parametrize("norm", [n for n in NORMS if n != "none"])
+# the axes each normalization is named for (METHODS.md), written out, not read from kdnb
+AXES = {"channel": (2, 3), "spatial": (1,), "layer": (1, 2, 3), "batch": (0, 2, 3)}
+
+
+def test_norm_choices():
+    assert list(NORMS) == ["none", "channel", "spatial", "layer", "batch"]
+
+
+@pytest.mark.parametrize("norm", AXES)
 def test_normalize_features_standardizes_exactly_the_named_axes(norm):
     x = structured_features()
     y = normalize_features(x, norm)
-    var, mean = torch.var_mean(y, dim=NORMS[norm], correction=0)
+    var, mean = torch.var_mean(y, dim=AXES[norm], correction=0)
     torch.testing.assert_close(mean, torch.zeros_like(mean), rtol=0, atol=1e-5)
     torch.testing.assert_close(var, torch.ones_like(var), rtol=0, atol=1e-3)
-    for other, axes in NORMS.items():
-        if not axes or set(NORMS[norm]) <= set(axes):
+    for other, axes in AXES.items():
+        if set(AXES[norm]) <= set(axes):
             continue  # a superset of groups that are each standardized is standardized too
         var, mean = torch.var_mean(y, dim=axes, correction=0)
         assert mean.abs().max() > 0.1 or (var - 1).abs().max() > 0.1, (norm, other)
@@ -414,9 +435,11 @@ def test_every_registered_method_has_a_kind_and_a_weight():
     for name in ("kd", "cwd", "dist", "mse", "at", "nfd", "skd", "ifvd"):
         info = METHODS[name]
         assert info.kind in ("response", "feature", "relation") and info.weight >= 0
-    assert (METHODS["cwd"].weight, METHODS["skd"].weight, METHODS["ifvd"].weight) == (3.0, 10.0, 20.0)
-    losses = build_losses({n: None for n in ("kd", "cwd", "dist", "mse", "at", "nfd", "skd", "ifvd")},
-                          student_channels=6, teacher_channels=10, num_classes=K)
+    weights = {n: METHODS[n].weight for n in ("kd", "cwd", "skd", "ifvd")}
+    assert weights == {"kd": 1.0, "cwd": 3.0, "skd": 10.0, "ifvd": 20.0}  # METHODS.md
+    names = ("kd", "cwd", "dist", "mse", "at", "nfd", "skd", "ifvd")
+    losses = build_losses(dict.fromkeys(names), student_channels=6, teacher_channels=10,
+                          num_classes=K)
     student, teacher, masks = student_teacher()
     for name, module in losses.items():
         assert module(student, teacher, masks).isfinite(), name
@@ -443,7 +466,8 @@ def test_mismatched_shapes_say_what_came():
         nfd_loss(torch.zeros(2, 4, 8, 8), torch.zeros(2, 4, 4, 4))
     with pytest.raises(ValueError, match=r"\(2, 4, 8, 8\).*\(3, 4, 8, 8\).*batch size"):
         skd_pairwise_loss(torch.zeros(2, 4, 8, 8), torch.zeros(3, 4, 8, 8))
-    with pytest.raises(ValueError, match=r"student logits \(2, 5, 8, 8\) and teacher logits \(2, 6, 8, 8\)"):
+    with pytest.raises(ValueError, match=r"student logits \(2, 5, 8, 8\) and teacher logits "
+                                         r"\(2, 6, 8, 8\)"):
         pixel_kd_loss(torch.zeros(2, 5, 8, 8), torch.zeros(2, 6, 8, 8))
     with pytest.raises(ValueError, match=r"\(B, K, h, w\).*\(2, 5, 8\)"):
         dist_loss(torch.zeros(2, 5, 8), torch.zeros(2, 5, 8))

@@ -34,9 +34,12 @@ import torch
 from torch.utils.data import Dataset
 
 SHAPES = ("disk", "square", "triangle", "cross")
-TEXTURES = ("stripes", "checker")
-DISTRACTOR_TEXTURE = "dots"
-CLASSES = ("background",) + tuple(f"{s}-{t}" for s in SHAPES for t in TEXTURES)
+TEXTURES = ("stripes", "checker", "dots", "plain")
+#: object classes as (shape, texture); class i + 1 is CLASS_SPECS[i], 0 is background.
+CLASS_SPECS = tuple((s, t) for s in ("disk", "square") for t in TEXTURES)
+#: objects that belong to the background: every triangle, whatever its texture.
+DISTRACTOR_SPECS = tuple(("triangle", t) for t in TEXTURES)
+CLASSES = ("background",) + tuple(f"{s}-{t}" for s, t in CLASS_SPECS)
 PALETTE = (
     (0, 0, 0), (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200),
     (245, 130, 48), (145, 30, 180), (70, 240, 240), (240, 50, 230),
@@ -126,10 +129,12 @@ class SynthScenes(Dataset):
         s = self.size
         radius = rng.uniform(*self.scale) * s
         cy, cx = rng.uniform(0, s, size=2)
-        shape = int(rng.integers(len(SHAPES)))
-        distractor = rng.uniform() < self.distractor_prob
-        texture = DISTRACTOR_TEXTURE if distractor else TEXTURES[int(rng.integers(len(TEXTURES)))]
-        label = 0 if distractor else 1 + shape * len(TEXTURES) + TEXTURES.index(texture)
+        if rng.uniform() < self.distractor_prob:
+            shape, texture = DISTRACTOR_SPECS[int(rng.integers(len(DISTRACTOR_SPECS)))]
+            label = 0
+        else:
+            label = 1 + int(rng.integers(len(CLASS_SPECS)))
+            shape, texture = CLASS_SPECS[label - 1]
         # Work inside the object's bounding box only: this keeps generation fast.
         half = int(math.ceil(radius * 1.45)) + 1
         y0, y1 = max(0, int(cy) - half), min(s, int(cy) + half + 1)
@@ -140,7 +145,7 @@ class SynthScenes(Dataset):
         theta = rng.uniform(0, 2 * math.pi)
         u = math.cos(theta) * xx + math.sin(theta) * yy
         v = -math.sin(theta) * xx + math.cos(theta) * yy
-        inside = _shape_mask(SHAPES[shape], u, v, radius)
+        inside = _shape_mask(shape, u, v, radius)
         # The texture is anchored to the image grid with its own angle and period.
         phi = rng.uniform(0, math.pi)
         period = rng.uniform(5.0, 9.0)
@@ -186,4 +191,6 @@ def _texture_mask(texture: str, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         return np.sin(a) * np.sin(b) > 0
     if texture == "dots":
         return np.cos(a) + np.cos(b) > 1.0
+    if texture == "plain":
+        return np.ones(a.shape, dtype=bool)
     raise ValueError(f"unknown texture {texture!r}")

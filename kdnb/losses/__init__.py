@@ -54,14 +54,14 @@ from kdnb.losses.response import (CWDLoss, DISTLoss, PixelKDLoss, cwd_loss, dist
                                   pixel_kd_loss)
 # augment last, so it may build on the families above
 from kdnb.losses.augment import (ClassCovariance, FAKDLoss, fakd_feature_bound,
-                                 fakd_logit_bound)
+                                 fakd_logit_bound, fakd_nfd_bound)
 
 __all__ = [
     "pixel_kd_loss", "cwd_loss", "dist_loss", "PixelKDLoss", "CWDLoss", "DISTLoss",
     "feature_mse_loss", "at_loss", "normalize_features", "nfd_loss", "NORMS",
     "FeatureMSELoss", "ATLoss", "NFDLoss",
     "skd_pairwise_loss", "ifvd_loss", "SKDLoss", "IFVDLoss",
-    "ClassCovariance", "fakd_logit_bound", "fakd_feature_bound", "FAKDLoss",
+    "ClassCovariance", "fakd_logit_bound", "fakd_feature_bound", "fakd_nfd_bound", "FAKDLoss",
     "MethodInfo", "METHODS", "build_losses",
 ]
 

@@ -76,15 +76,15 @@ def pixel_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
     _check_maps(student_logits, teacher_logits, "logits")
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
+    expected = (student_logits.shape[0], *student_logits.shape[2:])
+    if mask is not None and (mask.dtype != torch.bool or tuple(mask.shape) != expected):
+        raise ValueError(f"mask must be a bool tensor of valid pixels {expected}, got "
+                         f"{mask.dtype} {tuple(mask.shape)}")
     log_p_s = F.log_softmax(_upcast(student_logits) / temperature, dim=1)
     log_p_t = F.log_softmax(_upcast(teacher_logits.detach()) / temperature, dim=1)
     kl = F.kl_div(log_p_s, log_p_t, reduction="none", log_target=True).sum(1)  # (B, h, w)
     if mask is None:
         return temperature ** 2 * kl.mean()
-    expected = (student_logits.shape[0], *student_logits.shape[2:])
-    if mask.dtype != torch.bool or tuple(mask.shape) != expected:
-        raise ValueError(f"mask must be a bool tensor of valid pixels {expected}, got "
-                         f"{mask.dtype} {tuple(mask.shape)}")
     valid = mask.to(kl.dtype)
     # clamp instead of branching on the count: no host-device sync, and 0 (not nan) when empty
     return temperature ** 2 * (kl * valid).sum() / valid.sum().clamp_min(1.0)
@@ -179,8 +179,9 @@ def dist_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, bet
         raise ValueError(f"temperature must be > 0, got {temperature}")
     k = student_logits.shape[1]
     # (B, K, h, w) -> (B*h*w, K): one row per pixel of the batch
-    p_s = F.softmax(_upcast(student_logits) / temperature, dim=1).movedim(1, -1).reshape(-1, k)
-    p_t = F.softmax(_upcast(teacher_logits.detach()) / temperature, dim=1).movedim(1, -1).reshape(-1, k)
+    p_s = F.softmax(_upcast(student_logits) / temperature, dim=1)
+    p_t = F.softmax(_upcast(teacher_logits.detach()) / temperature, dim=1)
+    p_s, p_t = p_s.movedim(1, -1).reshape(-1, k), p_t.movedim(1, -1).reshape(-1, k)
     inter = 1 - _pearson(p_s, p_t).mean()
     intra = 1 - _pearson(p_s.T, p_t.T).mean()
     return temperature ** 2 * (beta * inter + gamma * intra)

@@ -1,0 +1,70 @@
+"""The kdnb command: listing, clear errors, and the demo end to end in quick mode."""
+import json
+
+import pytest
+
+from kdnb.cli import main
+
+
+def test_presets_and_datasets_list(capsys, tmp_path):
+    assert main(["presets"]) == 0
+    out = capsys.readouterr().out
+    assert "synth-teacher" in out and "deeplabv3-r101" in out
+    assert main(["datasets", "--root", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert str(tmp_path) in out and "synth" in out
+    for name in ("voc", "cityscapes", "ade20k", "camvid"):
+        assert name in out
+    assert "missing" in out  # nothing is in an empty root
+
+
+def test_unknown_preset_exits_2_and_lists_choices(capsys, tmp_path):
+    code = main(["train", "--model", "unet-r50", "--run-dir", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert code == 2 and "unknown model preset 'unet-r50'" in err and "synth-student" in err
+
+
+def test_unknown_dataset_exits_2_and_lists_choices(capsys, tmp_path):
+    code = main(["train", "--data", "coco", "--run-dir", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert code == 2 and "unknown dataset 'coco'" in err and "cityscapes" in err
+
+
+def test_missing_dataset_says_where_it_looked(capsys, tmp_path):
+    code = main(["train", "--data", "cityscapes", "--model", "deeplabv3-r18",
+                 "--root", str(tmp_path), "--run-dir", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert code == 2 and str(tmp_path) in err and "cityscapes-dataset.com" in err
+
+
+def test_missing_checkpoint_is_named(capsys, tmp_path):
+    code = main(["eval", "--ckpt", str(tmp_path / "nope.pt")])
+    err = capsys.readouterr().err
+    assert code == 2 and "nope.pt does not exist" in err
+
+
+def test_train_then_eval(capsys, tmp_path):
+    run = tmp_path / "run"
+    assert main(["train", "--model", "synth-student", "--size", "64", "--steps", "2",
+                 "--batch-size", "2", "--eval-every", "0", "--run-dir", str(run)]) == 0
+    assert "mIoU" in capsys.readouterr().out
+    assert main(["eval", "--ckpt", str(run / "model.pt"), "--split", "test",
+                 "--json", str(tmp_path / "e.json")]) == 0
+    out = capsys.readouterr().out
+    assert "synth-student on synth test" in out
+    assert json.loads((tmp_path / "e.json").read_text())["split"] == "test"
+
+
+def test_demo_quick_end_to_end(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("KDNB_DATA", str(tmp_path / "data"))
+    assert main(["demo", "--quick", "--out", str(tmp_path / "demo")]) == 0
+    out = capsys.readouterr().out
+    assert "teacher" in out and "student" in out and "mIoU" in out
+    summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
+    assert set(summary["models"]) == {"teacher", "student"}
+    assert (tmp_path / "demo" / "predictions.png").stat().st_size > 1000
+    cached = list((tmp_path / "data" / "checkpoints").glob("*.pt"))
+    assert len(cached) == 2
+    # A second run reuses the cached models instead of training again.
+    assert main(["demo", "--quick", "--out", str(tmp_path / "demo2")]) == 0
+    assert capsys.readouterr().out.count("loaded from cache") == 2

@@ -1,0 +1,129 @@
+"""The supervised loop: exact resume, atomic checkpoints, run directory, clear errors."""
+import json
+
+import pytest
+import torch
+
+from kdnb.config import TrainConfig
+from kdnb.train import (StepSampler, Trainer, atomic_save, checkpoint_paths, load_checkpoint,
+                        model_from_checkpoint)
+
+
+def tiny(**changes) -> TrainConfig:
+    base = dict(model="synth-student", data="synth", data_kwargs={"size": 64, "length": 24},
+                steps=6, batch_size=4, optimizer="sgd", lr=0.05, eval_every=0, ckpt_every=3,
+                log_every=1, eval_batch_size=8, seed=0)
+    base.update(changes)
+    cfg = TrainConfig(**base)
+    return cfg
+
+
+class Stop(Exception):
+    pass
+
+
+def stop_at(step):
+    def callback(record):
+        if record["kind"] == "train" and record["step"] == step:
+            raise Stop
+    return callback
+
+
+def test_resume_ends_with_the_same_weights(tmp_path):
+    cfg = tiny()
+    straight = Trainer(cfg, tmp_path / "a", progress=False)
+    straight.fit()
+    # A run interrupted after the step-3 checkpoint was written (the callback fires at the
+    # step-4 log), then resumed by a fresh process-like Trainer.
+    broken = Trainer(cfg, tmp_path / "b", progress=False, callbacks=[stop_at(4)])
+    with pytest.raises(Stop):
+        broken.fit()
+    assert [p.name for p in checkpoint_paths(tmp_path / "b")] == ["ckpt-0000003.pt"]
+    resumed = Trainer(cfg, tmp_path / "b", progress=False)
+    resumed.fit(resume=True)
+    a, b = straight.model.state_dict(), resumed.model.state_dict()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    steps = [json.loads(line)["step"] for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
+             if json.loads(line)["kind"] == "train"]
+    assert steps[-3:] == [4, 5, 6]
+
+
+def test_run_directory_contents(tmp_path):
+    cfg = tiny(steps=4, ckpt_every=2, keep_checkpoints=1, eval_every=2)
+    final = Trainer(cfg, tmp_path, progress=False).fit()
+    assert json.loads((tmp_path / "config.json").read_text()) == json.loads(json.dumps(cfg.to_dict()))
+    assert [p.name for p in checkpoint_paths(tmp_path)] == ["ckpt-0000004.pt"]
+    records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert {r["kind"] for r in records} == {"train", "eval"}
+    assert json.loads((tmp_path / "final.json").read_text())["miou"] == final["miou"]
+    model = model_from_checkpoint(tmp_path / "model.pt", preset="synth-student", num_classes=9)
+    assert model.num_classes == 9
+    assert not list(tmp_path.glob(".*tmp*"))  # no temporary files left behind
+
+
+def test_sampler_is_deterministic_and_shards_the_global_batch():
+    full = list(StepSampler(20, 4, 12, seed=1))
+    assert full == list(StepSampler(20, 4, 12, seed=1))
+    assert list(StepSampler(20, 4, 12, seed=1, start=7)) == full[7:]
+    for step in range(12):
+        shards = [list(StepSampler(20, 4, 12, seed=1, rank=r, world=2))[step] for r in range(2)]
+        assert sorted(shards[0] + shards[1]) == sorted(full[step])
+    # within an epoch (5 steps of 4 out of 20 samples) no sample repeats
+    first_epoch = [i for batch in full[:5] for i, _ in batch]
+    assert sorted(first_epoch) == list(range(20))
+
+
+def test_existing_run_without_resume_is_refused(tmp_path):
+    Trainer(tiny(steps=3), tmp_path, progress=False).fit()
+    with pytest.raises(FileExistsError, match="--resume"):
+        Trainer(tiny(steps=3), tmp_path, progress=False).fit()
+
+
+def test_resume_with_another_config_is_refused(tmp_path):
+    Trainer(tiny(steps=3), tmp_path, progress=False).fit()
+    with pytest.raises(ValueError, match=r"differs in \['lr'\]"):
+        Trainer(tiny(steps=3, lr=0.1), tmp_path, progress=False).fit(resume=True)
+
+
+def test_checkpoint_from_another_model_is_named(tmp_path):
+    Trainer(tiny(steps=3), tmp_path, progress=False).fit()
+    with pytest.raises(ValueError, match="holds preset 'synth-student', not 'synth-teacher'"):
+        model_from_checkpoint(tmp_path / "model.pt", preset="synth-teacher")
+    with pytest.raises(ValueError, match="predicts 9 classes but the dataset has 21"):
+        model_from_checkpoint(tmp_path / "model.pt", num_classes=21)
+    ckpt = load_checkpoint(tmp_path / "model.pt")
+    ckpt["preset"] = "synth-teacher"  # weights of one preset labelled as another
+    atomic_save(ckpt, tmp_path / "mislabelled.pt")
+    with pytest.raises(ValueError, match="does not fit preset 'synth-teacher'"):
+        model_from_checkpoint(tmp_path / "mislabelled.pt")
+
+
+def test_truncated_checkpoint_is_skipped_on_resume(tmp_path):
+    cfg = tiny(steps=6, ckpt_every=3)
+    Trainer(cfg, tmp_path, progress=False, callbacks=[stop_at(4)])
+    with pytest.raises(Stop):
+        Trainer(cfg, tmp_path, progress=False, callbacks=[stop_at(4)]).fit()
+    good = tmp_path / "ckpt-0000003.pt"
+    bad = tmp_path / "ckpt-0000005.pt"
+    bad.write_bytes(good.read_bytes()[:1000])
+    with pytest.raises(RuntimeError, match="unreadable"):
+        load_checkpoint(bad)
+    trainer = Trainer(cfg, tmp_path, progress=False)
+    assert trainer.resume() and trainer.step == 3
+
+
+@pytest.mark.parametrize("changes, words", [
+    ({"steps": 0}, "steps=0"),
+    ({"lr": -1.0}, "lr=-1.0"),
+    ({"optimizer": "adam"}, "optimizer='adam'"),
+    ({"warmup_steps": 10}, "warmup_steps=10"),
+])
+def test_bad_config_values_are_named(changes, words):
+    with pytest.raises(ValueError, match=words):
+        tiny(**changes)
+
+
+def test_unknown_config_key_is_named():
+    with pytest.raises(ValueError, match=r"unknown config keys \['learning_rate'\]"):
+        TrainConfig.from_dict({"learning_rate": 0.1})
