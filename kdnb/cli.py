@@ -66,12 +66,51 @@ def config_from_args(args) -> TrainConfig:
     return cfg.replace(**changes)
 
 
+def parse_value(text: str):
+    """'1' -> 1.0, 'true' -> True, 'spatial' -> 'spatial'."""
+    lowered = text.strip().lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if lowered in ("none", "null"):
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        return text.strip()
+
+
+def parse_methods(text: str | None, settings: list[str] | None = None) -> dict:
+    """``"kd=1,nfd=2,fakd"`` plus ``["nfd.norm=spatial", "fakd.lambda_0=5"]`` -> a methods dict.
+
+    A bare name takes the method's default weight; ``name.option=value`` sets an option.
+    """
+    methods: dict = {}
+    for item in filter(None, (t.strip() for t in (text or "").split(","))):
+        name, eq, weight = item.partition("=")
+        methods[name.strip()] = {"weight": float(weight)} if eq else {}
+    for setting in settings or []:
+        key, eq, value = setting.partition("=")
+        name, dot, option = key.partition(".")
+        if not (eq and dot and option):
+            raise ValueError(f"--set {setting!r}: expected METHOD.OPTION=VALUE, for example "
+                             "nfd.norm=spatial")
+        if name not in methods:
+            raise ValueError(f"--set {setting!r}: {name!r} is not in --methods "
+                             f"({', '.join(methods) or 'none'})")
+        methods[name][option] = parse_value(value)
+    return methods
+
+
 def cmd_train(args) -> int:
-    from .train import Trainer
+    from .train import make_trainer
 
     cfg = config_from_args(args)
-    run_dir = Path(args.run_dir or f"runs/{cfg.model}-{cfg.data}-s{cfg.seed}")
-    trainer = Trainer(cfg, run_dir)
+    if getattr(args, "teacher", None):
+        cfg = cfg.replace(teacher=args.teacher, methods=parse_methods(args.methods, args.set),
+                          model=args.student or cfg.model)
+    name = f"{cfg.model}-{cfg.data}-{'+'.join(cfg.methods) or 'alone'}-s{cfg.seed}"
+    run_dir = Path(args.run_dir or f"runs/{name}")
+    trainer = make_trainer(cfg, run_dir)
     final = trainer.fit(resume=args.resume)
     if trainer.rank == 0:
         print(f"{cfg.model} on {cfg.data} {cfg.eval_split}: mIoU {100 * final['miou']:.2f}  "
@@ -152,6 +191,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="train a teacher or a student alone")
     _add_train_args(p)
+    p.set_defaults(func=cmd_train)
+    p = sub.add_parser("distill", help="train a student with a frozen teacher")
+    _add_train_args(p)
+    p.add_argument("--teacher", required=True, help="the teacher's model.pt")
+    p.add_argument("--student", help="student preset (same as --model)")
+    p.add_argument("--methods", default="kd",
+                   help="losses and weights, e.g. kd=1,nfd=2,fakd (fakd augments kd, nfd or mse)")
+    p.add_argument("--set", action="append", metavar="METHOD.OPTION=VALUE",
+                   help="a loss option, e.g. nfd.norm=spatial or fakd.lambda_0=5 (repeatable)")
     p.set_defaults(func=cmd_train)
     p = sub.add_parser("eval", help="evaluate a checkpoint")
     p.add_argument("--ckpt", required=True, help="model.pt or ckpt-*.pt of a run")

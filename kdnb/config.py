@@ -21,6 +21,10 @@ class TrainConfig:
     root: str | None = None           # data root; default KDNB_DATA or <repo>/data
     data_kwargs: dict = field(default_factory=dict)  # e.g. {"size": 96} for synth
     encoder_weights: str | None = None  # "imagenet" needs the network or a warm cache
+    # Distillation (empty methods: supervised training alone).
+    teacher: str | None = None        # path of the teacher's model.pt (frozen, eval mode)
+    methods: dict = field(default_factory=dict)  # e.g. {"kd": 1.0, "nfd": {"weight": 2.0}, "fakd": {}}
+    task_weight: float = 1.0          # weight of the cross-entropy on the labels
     # Optimization (METHODS.md recipe: SGD 0.02, momentum 0.9, wd 1e-4, poly 0.9).
     steps: int = 1000                 # optimizer steps
     batch_size: int = 16              # global batch (split across DDP ranks)
@@ -57,7 +61,7 @@ class TrainConfig:
             "warmup_steps": 0 <= self.warmup_steps < self.steps,
             "eval_every": self.eval_every >= 0, "ckpt_every": self.ckpt_every >= 0,
             "log_every": self.log_every > 0, "keep_checkpoints": self.keep_checkpoints >= 1,
-            "workers": self.workers >= 0,
+            "workers": self.workers >= 0, "task_weight": self.task_weight >= 0,
         }
         bad = [k for k, ok in checks.items() if not ok]
         if bad:
@@ -65,6 +69,9 @@ class TrainConfig:
             raise ValueError(f"config values out of range: {values} (steps, batch_size, lr "
                              "and log_every must be positive; warmup_steps below steps; the "
                              "rest non-negative)")
+        if self.methods and not self.teacher:
+            raise ValueError(f"methods {sorted(self.methods)} need a teacher: pass --teacher "
+                             "PATH/model.pt (train one with `kdnb train`)")
         if self.optimizer not in ("sgd", "adamw"):
             raise ValueError(f"optimizer={self.optimizer!r}: choose 'sgd' or 'adamw'")
         if self.crop_size is not None:

@@ -95,7 +95,8 @@ def forward_with_head(model: nn.Module, images: torch.Tensor, classifier: str | 
     """One forward pass that returns the logits, the head feature and the head logits.
 
     Args:
-        model: a :class:`kdnb.models.SegModel` (or any model, with ``classifier`` given).
+        model: a :class:`kdnb.models.SegModel` (or any model, with ``classifier`` given),
+            possibly wrapped in DistributedDataParallel.
         images: ``(B, 3, H, W)``.
         classifier: module path of the final classifier; default ``model.classifier_name``.
 
@@ -104,9 +105,11 @@ def forward_with_head(model: nn.Module, images: torch.Tensor, classifier: str | 
         classifier's input ``(B, C, h, w)`` and output ``(B, K, h, w)`` (logits at the
         feature resolution, before any upsampling).
     """
-    path = classifier or model.classifier_name
-    recorder = FeatureRecorder(model, {"feat": path}, capture="input")
-    outputs = FeatureRecorder(model, {"logits": path}, capture="output")
+    # Under DDP the hooks go on the wrapped module; the call goes through the wrapper.
+    inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    path = classifier or inner.classifier_name
+    recorder = FeatureRecorder(inner, {"feat": path}, capture="input")
+    outputs = FeatureRecorder(inner, {"logits": path}, capture="output")
     with recorder, outputs:
         logits = model(images)
     return logits, recorder["feat"], outputs["logits"]

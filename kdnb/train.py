@@ -465,3 +465,144 @@ def atomic_save_json(obj, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(obj, indent=2) + "\n")
     os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------- distillation
+#: the loss FAKD augments -> FAKDLoss's ``on`` (FAKD replaces that loss by its bound).
+FAKD_BASES = {"kd": "logits", "nfd": "nfd", "mse": "feats"}
+
+
+def _as_options(value) -> dict:
+    if value is None:
+        return {}
+    if isinstance(value, dict):
+        return dict(value)
+    return {"weight": value}
+
+
+def resolve_methods(methods: dict) -> dict:
+    """Folds ``fakd`` into the loss it augments.
+
+    FAKD's bound *contains* the loss it augments (at ``lambda = 0`` it is that loss), so
+    ``{"kd": 1, "fakd": {}}`` becomes one FAKD module on logits with KD's weight and
+    temperature, and ``{"nfd": 2, "fakd": {}}`` one on normalized features. Other losses
+    stay as they are.
+    """
+    from .losses import METHODS
+
+    spec = {k: _as_options(v) for k, v in methods.items()}
+    if "fakd" not in spec:
+        return spec
+    fakd = spec.pop("fakd")
+    on = fakd.pop("on", None)
+    if on is not None:
+        by_on = {v: k for k, v in FAKD_BASES.items()}
+        if on not in by_on or by_on[on] not in spec:
+            raise ValueError(f"fakd on={on!r} needs its base loss in the methods: "
+                             + ", ".join(f"on={v!r} with {k}" for k, v in FAKD_BASES.items()))
+        base = by_on[on]
+    else:
+        bases = [b for b in FAKD_BASES if b in spec]
+        if not bases:
+            raise ValueError("fakd augments another loss: add one of kd, nfd or mse to the "
+                             "methods (for example kd=1,fakd)")
+        if len(bases) > 1:
+            raise ValueError(f"fakd can augment one of {bases}: choose with fakd's option "
+                             "on=logits (kd), on=nfd or on=feats (mse)")
+        base = bases[0]
+    base_options = spec.pop(base)
+    weight = base_options.pop("weight", METHODS[base].weight)
+    carried = {}
+    if base == "kd" and "temperature" in base_options:
+        carried["temperature"] = base_options.pop("temperature")
+    if base == "nfd":
+        norm = base_options.pop("norm", "channel")
+        if norm != "channel":
+            raise ValueError(f"fakd's NFD bound covers channel normalization only, not "
+                             f"norm={norm!r}: use nfd's default norm with fakd")
+        if "eps" in base_options:
+            carried["nfd_eps"] = base_options.pop("eps")
+    if base_options:
+        raise ValueError(f"{base} options {sorted(base_options)} cannot be carried into fakd; "
+                         "set them on fakd itself")
+    spec["fakd"] = {"weight": fakd.pop("weight", weight), "on": FAKD_BASES[base],
+                    **carried, **fakd}
+    return spec
+
+
+class DistillTrainer(Trainer):
+    """A student trained with a frozen teacher and any set of losses from kdnb.losses.
+
+    The teacher runs in eval mode under ``torch.inference_mode``; adapters and FAKD
+    statistics live in the loss modules, train with the student and are saved in every
+    checkpoint, so resume is exact. ``cfg.methods`` is a plain dict such as
+    ``{"kd": 1.0, "nfd": {"weight": 2.0}, "fakd": {"lambda_0": 7.5}}``.
+
+    Introduced in notebooks/04_distillation_runs.ipynb.
+    """
+
+    def __init__(self, cfg: TrainConfig, run_dir: str | Path, **kw):
+        from .losses import build_losses
+
+        if not cfg.teacher:
+            raise ValueError("distillation needs a teacher checkpoint: pass --teacher PATH")
+        super().__init__(cfg, run_dir, **kw)
+        teacher = model_from_checkpoint(cfg.teacher, num_classes=self.num_classes)
+        teacher = teacher.to(self.device).eval().requires_grad_(False)
+        if self.cuda and cfg.channels_last:
+            teacher = teacher.to(memory_format=torch.channels_last)
+        self.teacher = teacher
+        spec = resolve_methods(cfg.methods)
+        if "fakd" in spec:
+            clf = self.model.classifier
+            if not isinstance(clf, nn.Conv2d) or clf.kernel_size != (1, 1):
+                raise ValueError(f"FAKD needs a student classifier that is linear on each "
+                                 f"position (a 1x1 convolution); {cfg.model}'s is "
+                                 f"{getattr(clf, 'kernel_size', type(clf).__name__)}: choose a "
+                                 "preset with a 1x1 head")
+        self.losses = build_losses(spec, student_channels=self.model.classifier.in_channels,
+                                   teacher_channels=teacher.classifier.in_channels,
+                                   num_classes=self.num_classes).to(self.device)
+        # Adapters are trained with the student.
+        self.optimizer = build_optimizer(nn.ModuleList([self.model, self.losses]), cfg)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, poly_lambda(cfg.steps, cfg.poly_power, cfg.warmup_steps))
+
+    def extra_state(self) -> dict:
+        return {"losses": self.losses.state_dict()}
+
+    def load_extra_state(self, state: dict) -> None:
+        if "losses" in state:
+            self.losses.load_state_dict(state["losses"])
+
+    def train_step(self, images: torch.Tensor, masks: torch.Tensor) -> dict[str, torch.Tensor]:
+        from .features import forward_with_head
+
+        amp = dict(device_type=self.device.type, dtype=torch.bfloat16,
+                   enabled=self.cuda and self.cfg.amp)
+        with torch.inference_mode(), torch.autocast(**amp):
+            _, t_feats, t_logits = forward_with_head(self.teacher, images)
+        # Inference tensors cannot be saved for backward: one copy makes them normal tensors.
+        teacher = {"feats": t_feats.clone(), "logits": t_logits.clone()}
+        for module in self.losses.values():
+            if hasattr(module, "set_progress"):
+                module.set_progress(self.step, self.cfg.steps)
+        with torch.autocast(**amp):
+            logits, feats, head_logits = forward_with_head(self.ddp, images)
+            task = F.cross_entropy(logits.float(), masks, ignore_index=IGNORE_INDEX)
+        student = {"feats": feats, "logits": head_logits,
+                   "classifier_weight": self.model.classifier.weight}
+        terms = {name: module(student, teacher, masks) for name, module in self.losses.items()}
+        loss = self.cfg.task_weight * task
+        for name, module in self.losses.items():
+            loss = loss + module.loss_weight * terms[name]
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return {"loss": loss.detach(), "task": task.detach(),
+                **{name: value.detach() for name, value in terms.items()}}
+
+
+def make_trainer(cfg: TrainConfig, run_dir: str | Path, **kw) -> Trainer:
+    """A :class:`DistillTrainer` when the config names a teacher, else a :class:`Trainer`."""
+    return DistillTrainer(cfg, run_dir, **kw) if cfg.teacher else Trainer(cfg, run_dir, **kw)

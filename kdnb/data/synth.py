@@ -4,24 +4,25 @@ Every sample is drawn from its own random stream, keyed by ``(seed, split, index
 sample is the same on every machine and in every worker, and the train, val and test
 splits never share a sample.
 
-A scene is a cluttered background with a few overlapping objects. An object's class is
-the *conjunction* of its outline and its surface texture; colours are random, so colour
-alone says nothing:
+A scene is a weakly coloured, cluttered background with a few overlapping objects. An
+object's class is a conjunction of its outline, its surface texture and its hue family:
 
-    ===========  =========  =========
-    shape        stripes    checker
-    ===========  =========  =========
-    disk         1          2
-    square       3          4
-    triangle     5          6
-    cross        7          8
-    ===========  =========  =========
+    =====  ==================  ==========================  =====================
+    class  shape, texture      hue family (shared by two)  what tells the two apart
+    =====  ==================  ==========================  =====================
+    1, 2   disk, stripes/check red                         texture
+    3, 4   square, stripes/ch. yellow-green                texture
+    5, 6   disk/square, dots   cyan                        shape
+    7, 8   disk/square, plain  violet                      shape
+    =====  ==================  ==========================  =====================
 
-Objects with a dotted texture are *distractors* and belong to the background, so a model
-must check the texture, not just find an object. Telling a disk from a square needs the
-outline, which at the centre of a large object lies far outside a small receptive field:
-the label of a pixel depends on its context. Scale (a factor of three), rotation,
-occlusion, lighting gradients and sensor noise vary per scene.
+Colour narrows a class down to two, never to one, as in real scenes (sky and water are
+both bluish): a model must also read the texture, or the outline, which at the centre
+of a large object lies far outside a small receptive field, so the label of a pixel
+depends on its context. Triangles of any texture and any family's hue are *distractors*
+and belong to the background. Scale (a factor of three), rotation, occlusion, lighting
+gradients and sensor noise vary per scene. ``hue_jitter=0.5`` removes the colour cue
+altogether (a much slower task to learn from scratch).
 
 Introduced in notebooks/00_setup_and_data.ipynb.
 """
@@ -36,7 +37,16 @@ from torch.utils.data import Dataset
 SHAPES = ("disk", "square", "triangle", "cross")
 TEXTURES = ("stripes", "checker", "dots", "plain")
 #: object classes as (shape, texture); class i + 1 is CLASS_SPECS[i], 0 is background.
-CLASS_SPECS = tuple((s, t) for s in ("disk", "square") for t in TEXTURES)
+#: Consecutive pairs share a hue family: the first two pairs differ in texture only, the
+#: last two in shape only, so colour narrows a class down to two and texture or shape
+#: must decide.
+CLASS_SPECS = (
+    ("disk", "stripes"), ("disk", "checker"),
+    ("square", "stripes"), ("square", "checker"),
+    ("disk", "dots"), ("square", "dots"),
+    ("disk", "plain"), ("square", "plain"),
+)
+HUE_FAMILIES = (0.0, 0.25, 0.5, 0.75)  # hue centre of class pair k (fraction of the circle)
 #: objects that belong to the background: every triangle, whatever its texture.
 DISTRACTOR_SPECS = tuple(("triangle", t) for t in TEXTURES)
 CLASSES = ("background",) + tuple(f"{s}-{t}" for s, t in CLASS_SPECS)
@@ -59,6 +69,8 @@ class SynthScenes(Dataset):
         objects: inclusive range of the number of objects per scene.
         distractor_prob: probability that an object is a (background) distractor.
         scale: object radius range as a fraction of ``size``.
+        hue_jitter: half-width of an object's hue range around its family's centre, as a
+            fraction of the hue circle; 0.5 makes colour carry no information at all.
 
     Shape:
         A sample is ``(image, mask)``: image ``(3, size, size)`` float32 in [0, 1],
@@ -72,7 +84,8 @@ class SynthScenes(Dataset):
 
     def __init__(self, split: str = "train", *, size: int = 96, length: int | None = None,
                  seed: int = 0, objects: tuple[int, int] = (2, 5),
-                 distractor_prob: float = 0.2, scale: tuple[float, float] = (0.10, 0.30)):
+                 distractor_prob: float = 0.2, scale: tuple[float, float] = (0.10, 0.30),
+                 hue_jitter: float = 0.08):
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}: SynthScenes has {sorted(SPLITS)}")
         if size < 32:
@@ -82,6 +95,7 @@ class SynthScenes(Dataset):
         self.split, self.size, self.seed = split, int(size), int(seed)
         self.length = DEFAULT_LENGTHS[split] if length is None else int(length)
         self.objects, self.distractor_prob, self.scale = objects, distractor_prob, scale
+        self.hue_jitter = float(hue_jitter)
         coords = np.arange(self.size, dtype=np.float32)
         self._yy, self._xx = np.meshgrid(coords, coords, indexing="ij")  # (S, S) each
 
@@ -122,7 +136,9 @@ class SynthScenes(Dataset):
             fx, fy = rng.uniform(-3, 3, size=2) * 2 * math.pi / s
             field += np.sin(fx * self._xx + fy * self._yy + rng.uniform(0, 2 * math.pi))
         weight = (field / 6 + 0.5)[..., None]  # (S, S, 1) in [0, 1]
-        c1, c2 = rng.uniform(0, 1, size=(2, 3)).astype(np.float32)
+        # Background colours are weakly saturated, of any hue.
+        c1, c2 = (_hsv_to_rgb(rng.uniform(), rng.uniform(0.0, 0.35), rng.uniform(0.25, 0.95))
+                  for _ in range(2))
         return weight * c1 + (1 - weight) * c2
 
     def _draw_object(self, rng: np.random.Generator, image: np.ndarray, mask: np.ndarray) -> None:
@@ -131,10 +147,11 @@ class SynthScenes(Dataset):
         cy, cx = rng.uniform(0, s, size=2)
         if rng.uniform() < self.distractor_prob:
             shape, texture = DISTRACTOR_SPECS[int(rng.integers(len(DISTRACTOR_SPECS)))]
-            label = 0
+            label, family = 0, int(rng.integers(len(HUE_FAMILIES)))  # any family's colour
         else:
             label = 1 + int(rng.integers(len(CLASS_SPECS)))
             shape, texture = CLASS_SPECS[label - 1]
+            family = (label - 1) // 2
         # Work inside the object's bounding box only: this keeps generation fast.
         half = int(math.ceil(radius * 1.45)) + 1
         y0, y1 = max(0, int(cy) - half), min(s, int(cy) + half + 1)
@@ -152,14 +169,26 @@ class SynthScenes(Dataset):
         a = (math.cos(phi) * xx + math.sin(phi) * yy) * (2 * math.pi / period)
         b = (-math.sin(phi) * xx + math.cos(phi) * yy) * (2 * math.pi / period)
         on = _texture_mask(texture, a, b)
-        c1 = rng.uniform(0, 1, size=3).astype(np.float32)
-        # The second colour differs clearly from the first, so the texture stays visible.
-        c2 = np.clip(c1 + rng.choice([-1.0, 1.0], size=3) * rng.uniform(0.35, 0.7, size=3),
-                     0.0, 1.0).astype(np.float32)
+        # Saturated colours of the family's hue; the texture's two phases differ in
+        # brightness, so the pattern stays visible whatever the hue.
+        hue = HUE_FAMILIES[family] + rng.uniform(-self.hue_jitter, self.hue_jitter)
+        sat, val = rng.uniform(0.55, 1.0), rng.uniform(0.55, 1.0)
+        c1 = _hsv_to_rgb(hue, sat, val)
+        c2 = _hsv_to_rgb(hue, sat, val - rng.uniform(0.35, 0.5))
         patch = np.where(on[..., None], c1, c2)
         region = image[y0:y1, x0:x1]
         region[inside] = patch[inside]
         mask[y0:y1, x0:x1][inside] = label
+
+
+def _hsv_to_rgb(h: float, s: float, v: float) -> np.ndarray:
+    """One HSV colour (hue as a fraction of the circle) to RGB float32."""
+    h = (h % 1.0) * 6.0
+    i, f = int(h), h - int(h)
+    v = max(0.0, min(1.0, v))
+    p, q, t = v * (1 - s), v * (1 - s * f), v * (1 - s * (1 - f))
+    rgb = ((v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q))[i % 6]
+    return np.asarray(rgb, dtype=np.float32)
 
 
 def _shape_mask(shape: str, u: np.ndarray, v: np.ndarray, radius: float) -> np.ndarray:

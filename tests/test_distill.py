@@ -1,0 +1,141 @@
+"""Distillation training: method specs, frozen teacher, adapters and FAKD state, resume."""
+import dataclasses
+
+import pytest
+import torch
+
+from kdnb.cli import parse_methods
+from kdnb.config import TrainConfig
+from kdnb.models import PRESETS
+from kdnb.train import DistillTrainer, Trainer, resolve_methods
+
+
+def tiny(**changes) -> TrainConfig:
+    base = dict(model="synth-student", data="synth", data_kwargs={"size": 64, "length": 16},
+                steps=4, batch_size=4, optimizer="sgd", lr=0.02, eval_every=0, ckpt_every=2,
+                log_every=1, eval_batch_size=8, seed=0)
+    base.update(changes)
+    return TrainConfig(**base)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def wide_teacher_preset():
+    """A small teacher whose head has 64 channels (the student's has 32): adapters are needed."""
+    base = PRESETS["synth-student"]
+    spec = dataclasses.replace(base, kwargs={**base.kwargs, "decoder_segmentation_channels": 64})
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(PRESETS, "tiny-teacher", spec)
+        yield
+
+
+@pytest.fixture(scope="module")
+def teacher_ckpt(tmp_path_factory):
+    run = tmp_path_factory.mktemp("teacher")
+    Trainer(tiny(model="tiny-teacher", steps=2, seed=5), run, progress=False).fit()
+    return str(run / "model.pt")
+
+
+def test_resolve_methods_folds_fakd_into_its_base():
+    assert resolve_methods({"kd": 2.0, "fakd": {"lambda_0": 5}}) == {
+        "fakd": {"weight": 2.0, "on": "logits", "lambda_0": 5}}
+    assert resolve_methods({"kd": {"temperature": 2.0}, "fakd": None})["fakd"]["temperature"] == 2.0
+    spec = resolve_methods({"cwd": 3.0, "nfd": {"weight": 1.5}, "fakd": {}})
+    assert spec["cwd"] == {"weight": 3.0} and spec["fakd"]["on"] == "nfd"
+    assert spec["fakd"]["weight"] == 1.5 and "nfd" not in spec
+    assert resolve_methods({"kd": 1.0, "mse": 1.0, "fakd": {"on": "feats"}})["fakd"]["on"] == "feats"
+
+
+@pytest.mark.parametrize("methods, words", [
+    ({"fakd": {}}, "add one of kd, nfd or mse"),
+    ({"kd": 1, "nfd": 1, "fakd": {}}, "choose with fakd's option"),
+    ({"nfd": {"norm": "spatial"}, "fakd": {}}, "channel normalization only"),
+    ({"kd": 1, "fakd": {"on": "nfd"}}, "needs its base loss"),
+])
+def test_resolve_methods_errors(methods, words):
+    with pytest.raises(ValueError, match=words):
+        resolve_methods(methods)
+
+
+def test_parse_methods():
+    assert parse_methods("kd=1,nfd=2,fakd", ["nfd.norm=channel", "fakd.lambda_0=5"]) == {
+        "kd": {"weight": 1.0}, "nfd": {"weight": 2.0, "norm": "channel"},
+        "fakd": {"lambda_0": 5.0}}
+    with pytest.raises(ValueError, match="not in --methods"):
+        parse_methods("kd", ["nfd.norm=spatial"])
+    with pytest.raises(ValueError, match="METHOD.OPTION=VALUE"):
+        parse_methods("kd", ["nfd=spatial"])
+
+
+@pytest.mark.parametrize("methods", [
+    {"kd": 1.0}, {"nfd": 1.0}, {"mse": 1.0}, {"cwd": 3.0}, {"at": 1.0}, {"dist": 1.0},
+    {"skd": 10.0}, {"ifvd": 20.0}, {"kd": 1.0, "fakd": {}}, {"nfd": 1.0, "fakd": {"lambda_0": 1.0}},
+])
+def test_every_method_trains_and_the_teacher_stays_frozen(tmp_path, teacher_ckpt, methods):
+    trainer = DistillTrainer(tiny(teacher=teacher_ckpt, methods=methods, steps=2, ckpt_every=0),
+                             tmp_path, progress=False)
+    before = {k: v.clone() for k, v in trainer.teacher.state_dict().items()}
+    records = []
+    trainer.callbacks.append(records.append)
+    trainer.fit()
+    train = [r for r in records if r["kind"] == "train"]
+    names = set(resolve_methods(methods))
+    assert names <= set(train[-1]) and "task" in train[-1]
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in train)
+    after = trainer.teacher.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # BN stats too: eval mode
+    assert not trainer.teacher.training
+
+
+def test_resume_is_exact_with_adapters_and_fakd_statistics(tmp_path, teacher_ckpt):
+    cfg = tiny(teacher=teacher_ckpt, methods={"nfd": 1.0, "fakd": {"lambda_0": 2.0}}, steps=4)
+    straight = DistillTrainer(cfg, tmp_path / "a", progress=False)
+    straight.fit()
+
+    class Stop(Exception):
+        pass
+
+    def stop(record):
+        if record["kind"] == "train" and record["step"] == 3:
+            raise Stop
+
+    broken = DistillTrainer(cfg, tmp_path / "b", progress=False, callbacks=[stop])
+    with pytest.raises(Stop):
+        broken.fit()
+    resumed = DistillTrainer(cfg, tmp_path / "b", progress=False)
+    resumed.fit(resume=True)
+    for a, b in ((straight.model, resumed.model), (straight.losses, resumed.losses)):
+        sa, sb = a.state_dict(), b.state_dict()
+        assert sa.keys() == sb.keys()
+        for key in sa:
+            assert torch.equal(sa[key], sb[key]), key
+    assert any("adapter" in k for k in straight.losses.state_dict())
+    assert any("cov" in k or "count" in k for k in straight.losses.state_dict())
+
+
+def test_teacher_with_other_class_count_is_refused(tmp_path):
+    run = tmp_path / "t"
+    Trainer(tiny(steps=1, ckpt_every=0), run, progress=False).fit()
+    ckpt = torch.load(run / "model.pt", weights_only=True)
+    ckpt["num_classes"] = 21
+    torch.save(ckpt, run / "other.pt")
+    with pytest.raises(ValueError, match="predicts 21 classes but the dataset has 9"):
+        DistillTrainer(tiny(teacher=str(run / "other.pt"), methods={"kd": 1.0}), tmp_path / "s",
+                       progress=False)
+
+
+def test_unknown_method_is_refused(tmp_path, teacher_ckpt):
+    with pytest.raises(ValueError, match="unknown distillation method 'crd'"):
+        DistillTrainer(tiny(teacher=teacher_ckpt, methods={"crd": 1.0}), tmp_path, progress=False)
+
+
+def test_methods_without_teacher_are_refused():
+    with pytest.raises(ValueError, match="need a teacher"):
+        tiny(methods={"kd": 1.0})
+
+
+def test_fakd_with_a_3x3_head_is_refused(tmp_path, teacher_ckpt, monkeypatch):
+    spec = dataclasses.replace(PRESETS["synth-student"], head_kernel=3)
+    monkeypatch.setitem(PRESETS, "student-3x3", spec)
+    cfg = tiny(model="student-3x3", teacher=teacher_ckpt, methods={"kd": 1.0, "fakd": {}})
+    with pytest.raises(ValueError, match="linear on each position"):
+        DistillTrainer(cfg, tmp_path, progress=False)
