@@ -64,8 +64,8 @@ PRESETS: dict[str, Preset] = {
     "pspnet-r18": Preset("PSPNet", "resnet18", {"encoder_depth": 3, "upsampling": 8}, "student",
                          "paper student, PSPNet-ResNet18 (stride 8), 1x1 classifier", head_kernel=1),
     # CPU presets sized for SynthScenes.
-    "synth-teacher": Preset("FPN", "resnet34", {}, "teacher",
-                            "SynthScenes teacher, FPN-ResNet34 (23 M parameters)"),
+    "synth-teacher": Preset("FPN", "resnet18", {}, "teacher",
+                            "SynthScenes teacher, FPN-ResNet18 (13 M parameters)"),
     "synth-student": Preset("FPN", "mobilenet_v2",
                             {"decoder_pyramid_channels": 64, "decoder_segmentation_channels": 32},
                             "student", "SynthScenes student, FPN-MobileNetV2, thin decoder (2.4 M)"),
