@@ -30,12 +30,16 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--crop", type=int, nargs=2, metavar=("H", "W"), help="training crop")
     p.add_argument("--eval-every", type=int)
     p.add_argument("--ckpt-every", type=int)
+    p.add_argument("--log-every", type=int, help="steps between loss log lines")
     p.add_argument("--seed", type=int)
     p.add_argument("--device", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--workers", type=int, help="DataLoader workers")
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--encoder-weights", help="'imagenet' (needs the network or a warm cache)")
+    p.add_argument("--model-arg", action="append", metavar="KEY=VALUE",
+                   help="an smp model option, e.g. decoder_dropout=0 (repeatable)")
     p.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm under torchrun")
+    p.add_argument("--freeze-bn", action="store_true", help="BatchNorm keeps its running statistics")
     p.add_argument("--no-amp", action="store_true", help="disable bf16 autocast on CUDA")
     p.add_argument("--run-dir", help="output folder (default runs/<model>-<data>-s<seed>)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
@@ -46,7 +50,7 @@ def config_from_args(args) -> TrainConfig:
     mapping = {"model": "model", "data": "data", "root": "root", "steps": "steps",
                "batch_size": "batch_size", "optimizer": "optimizer", "lr": "lr",
                "weight_decay": "weight_decay", "eval_every": "eval_every",
-               "ckpt_every": "ckpt_every", "seed": "seed", "device": "device",
+               "ckpt_every": "ckpt_every", "log_every": "log_every", "seed": "seed", "device": "device",
                "workers": "workers", "threads": "threads", "encoder_weights": "encoder_weights"}
     changes = {field: getattr(args, arg) for arg, field in mapping.items()
                if getattr(args, arg) is not None}
@@ -54,8 +58,17 @@ def config_from_args(args) -> TrainConfig:
         changes["crop_size"] = tuple(args.crop)
     if args.size is not None:
         changes["data_kwargs"] = {**cfg.data_kwargs, "size": args.size}
+    for item in args.model_arg or []:
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise ValueError(f"--model-arg {item!r}: expected KEY=VALUE, e.g. decoder_dropout=0")
+        value = parse_value(value)
+        value = int(value) if isinstance(value, float) and value.is_integer() and "." not in item else value
+        changes.setdefault("model_kwargs", dict(cfg.model_kwargs))[key.strip()] = value
     if args.sync_bn:
         changes["sync_bn"] = True
+    if args.freeze_bn:
+        changes["freeze_bn"] = True
     if args.no_amp:
         changes["amp"] = False
     if changes.get("data", cfg.data) != "synth" and "data_kwargs" not in changes \

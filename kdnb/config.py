@@ -21,6 +21,7 @@ class TrainConfig:
     root: str | None = None           # data root; default KDNB_DATA or <repo>/data
     data_kwargs: dict = field(default_factory=dict)  # e.g. {"size": 96} for synth
     encoder_weights: str | None = None  # "imagenet" needs the network or a warm cache
+    model_kwargs: dict = field(default_factory=dict)  # smp overrides, e.g. {"decoder_dropout": 0.0}
     # Distillation (empty methods: supervised training alone).
     teacher: str | None = None        # path of the teacher's model.pt (frozen, eval mode)
     methods: dict = field(default_factory=dict)  # e.g. {"kd": 1.0, "nfd": {"weight": 2.0}, "fakd": {}}
@@ -52,7 +53,8 @@ class TrainConfig:
     channels_last: bool = True        # channels-last memory format on CUDA
     workers: int = 0                  # DataLoader workers (0: load in the main process)
     threads: int | None = None        # torch CPU threads (None: leave torch's default)
-    sync_bn: bool = False             # convert BatchNorm to SyncBatchNorm under DDP
+    sync_bn: bool = False             # convert BatchNorm to SyncBatchNorm under DDP (CUDA only)
+    freeze_bn: bool = False           # BatchNorm uses its running statistics, never updates them
 
     def __post_init__(self):
         checks = {

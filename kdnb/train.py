@@ -204,7 +204,7 @@ def model_from_checkpoint(path: str | Path, *, preset: str | None = None,
     if num_classes is not None and num_classes != ckpt["num_classes"]:
         raise ValueError(f"checkpoint {path} predicts {ckpt['num_classes']} classes but the "
                          f"dataset has {num_classes}: it was trained on another dataset")
-    model = build_model(ckpt["preset"], ckpt["num_classes"])
+    model = build_model(ckpt["preset"], ckpt["num_classes"], **ckpt.get("model_kwargs", {}))
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as err:
@@ -284,7 +284,13 @@ class Trainer:
         self.eval_set = build_dataset(cfg.data, cfg.root, cfg.eval_split, train=False,
                                       **cfg.data_kwargs)
         seed_everything(cfg.seed)
-        model = build_model(cfg.model, self.num_classes, encoder_weights=cfg.encoder_weights)
+        model = build_model(cfg.model, self.num_classes, encoder_weights=cfg.encoder_weights,
+                            **cfg.model_kwargs)
+        if self.world > 1:  # same initial weights everywhere, but each rank its own dropout
+            torch.manual_seed(cfg.seed + 1_000_003 * self.rank)
+        if cfg.sync_bn and self.device.type != "cuda":
+            raise ValueError("--sync-bn needs CUDA (torch's SyncBatchNorm is GPU-only); on CPU "
+                             "leave it off: each process then normalizes its own shard")
         if self.world > 1 and cfg.sync_bn:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         self.cuda = self.device.type == "cuda"
@@ -329,7 +335,8 @@ class Trainer:
         model = unwrap(self.ddp)
         return {
             "model": unwrap(model).state_dict(), "preset": self.model.preset,
-            "num_classes": self.num_classes, "kdnb_version": __version__,
+            "num_classes": self.num_classes, "model_kwargs": dict(self.cfg.model_kwargs),
+            "kdnb_version": __version__,
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
             "step": self.step, "rng": rng_state(), "config": self.cfg.to_dict(),
             "extra": self.extra_state(),
@@ -406,7 +413,7 @@ class Trainer:
             from tqdm.auto import tqdm
             bar = tqdm(total=cfg.steps, initial=self.step, desc=f"train {cfg.model}",
                        dynamic_ncols=True)
-        self.model.train()
+        self.train_mode()
         sums: dict[str, torch.Tensor] = {}
         count, t0 = 0, time.perf_counter()
         for images, masks in loader:
@@ -423,6 +430,11 @@ class Trainer:
             if bar is not None:
                 bar.update(1)
             if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                if self.world > 1:  # log the mean over ranks: one collective per log line
+                    keys = sorted(sums)
+                    packed = torch.stack([sums[k].float() for k in keys])
+                    dist.all_reduce(packed)
+                    sums = dict(zip(keys, packed / self.world))
                 record = {"kind": "train", "step": self.step,
                           **{k: (v / count).item() for k, v in sums.items()},
                           "lr": self.scheduler.get_last_lr()[0],
@@ -449,15 +461,26 @@ class Trainer:
             self.export(self.run_dir / "model.pt")
         return final
 
+    def train_mode(self) -> None:
+        """Training mode; with ``freeze_bn`` BatchNorm layers stay in eval mode."""
+        self.model.train()
+        if self.cfg.freeze_bn:
+            for module in self.model.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
+
     def evaluate(self, dataset: Dataset | None = None) -> dict:
-        return evaluate(self.model, dataset or self.eval_set, num_classes=self.num_classes,
-                        batch_size=self.cfg.eval_batch_size, device=self.device,
-                        amp=self.cfg.amp, rank=self.rank, world=self.world)
+        result = evaluate(self.model, dataset or self.eval_set, num_classes=self.num_classes,
+                          batch_size=self.cfg.eval_batch_size, device=self.device,
+                          amp=self.cfg.amp, rank=self.rank, world=self.world)
+        self.train_mode()
+        return result
 
     def export(self, path: Path) -> None:
         """Writes the weights alone (what ``kdnb eval`` and distillation load)."""
         atomic_save({"model": self.model.state_dict(), "preset": self.model.preset,
-                     "num_classes": self.num_classes, "kdnb_version": __version__,
+                     "num_classes": self.num_classes, "model_kwargs": dict(self.cfg.model_kwargs),
+                     "kdnb_version": __version__,
                      "config": self.cfg.to_dict(), "step": self.step}, path)
 
 
