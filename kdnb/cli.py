@@ -18,6 +18,7 @@ from .config import RECIPES, TrainConfig, get_recipe
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recipe", choices=sorted(RECIPES), help="start from a named recipe")
+    p.add_argument("--config", help="start from a config JSON (configs/ holds the paper recipes)")
     p.add_argument("--model", help="model preset (kdnb presets lists them)")
     p.add_argument("--data", help="dataset: synth, voc, cityscapes, ade20k, camvid")
     p.add_argument("--root", help="data root (default: $KDNB_DATA or <repo>/data)")
@@ -46,7 +47,16 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args) -> TrainConfig:
-    cfg = get_recipe(args.recipe) if args.recipe else TrainConfig()
+    if args.recipe and args.config:
+        raise ValueError("pass --recipe or --config, not both")
+    if args.config:
+        path = Path(args.config)
+        if not path.is_file():
+            raise FileNotFoundError(f"config {path} does not exist (configs/ holds the recipes)")
+        cfg = TrainConfig.from_dict({k: v for k, v in json.loads(path.read_text()).items()
+                                     if not k.startswith("_")})
+    else:
+        cfg = get_recipe(args.recipe) if args.recipe else TrainConfig()
     mapping = {"model": "model", "data": "data", "root": "root", "steps": "steps",
                "batch_size": "batch_size", "optimizer": "optimizer", "lr": "lr",
                "weight_decay": "weight_decay", "eval_every": "eval_every",
@@ -157,6 +167,25 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_compare(args) -> int:
+    from .compare import compare, format_table, read_run
+
+    rows = [read_run(run, args.split) for run in args.runs]
+    teacher = args.teacher_miou
+    if teacher is None:  # the teacher's own run directory, when the checkpoint sits in one
+        paths = {r["teacher"] for r in rows if r["teacher"]}
+        if len(paths) == 1:
+            try:
+                teacher = read_run(Path(paths.pop()).parent, args.split)["miou"]
+            except FileNotFoundError:
+                teacher = None
+    table = format_table(compare(rows, teacher), teacher)
+    print(table)
+    if args.out:
+        Path(args.out).write_text(table + "\n")
+    return 0
+
+
 def cmd_datasets(args) -> int:
     from .data import REAL_DATASETS, data_root, dataset_module
 
@@ -223,6 +252,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--json", help="also write the result to this file")
     p.set_defaults(func=cmd_eval)
+    p = sub.add_parser("compare", help="table of runs: mean and std over seeds, paired gains")
+    p.add_argument("runs", nargs="+", help="run directories")
+    p.add_argument("--split", default="val", help="val (model selection) or test (reporting)")
+    p.add_argument("--teacher-miou", type=float, help="the teacher's mIoU on that split")
+    p.add_argument("--out", help="also write the table to this file")
+    p.set_defaults(func=cmd_compare)
     p = sub.add_parser("datasets", help="which datasets are available, and where kdnb looks")
     p.add_argument("--root")
     p.set_defaults(func=cmd_datasets)

@@ -68,3 +68,22 @@ def test_demo_quick_end_to_end(capsys, tmp_path, monkeypatch):
     # A second run reuses the cached models instead of training again.
     assert main(["demo", "--quick", "--out", str(tmp_path / "demo2")]) == 0
     assert capsys.readouterr().out.count("loaded from cache") == 2
+
+
+def test_every_full_scale_config_loads_and_flags_override(tmp_path):
+    import glob
+
+    from kdnb.cli import build_parser, config_from_args
+
+    files = sorted(glob.glob("configs/*.json"))
+    assert len(files) == 12
+    for path in files:
+        args = build_parser().parse_args(["train", "--config", path, "--steps", "7"])
+        cfg = config_from_args(args)
+        assert cfg.steps == 7 and cfg.batch_size == 16 and cfg.optimizer == "sgd"
+        assert cfg.data in ("cityscapes", "voc", "ade20k") and cfg.crop_size is not None
+
+
+def test_missing_config_file_is_named(capsys, tmp_path):
+    assert main(["train", "--config", str(tmp_path / "nope.json")]) == 2
+    assert "nope.json does not exist" in capsys.readouterr().err

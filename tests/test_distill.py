@@ -139,3 +139,37 @@ def test_fakd_with_a_3x3_head_is_refused(tmp_path, teacher_ckpt, monkeypatch):
     cfg = tiny(model="student-3x3", teacher=teacher_ckpt, methods={"kd": 1.0, "fakd": {}})
     with pytest.raises(ValueError, match="linear on each position"):
         DistillTrainer(cfg, tmp_path, progress=False)
+
+
+def _fake_run(root, name, methods, seed, miou, split="val", teacher=None):
+    run = root / name
+    run.mkdir()
+    (run / "config.json").write_text(__import__("json").dumps(
+        {"model": "synth-student", "methods": methods, "seed": seed, "teacher": teacher}))
+    (run / "final.json").write_text(__import__("json").dumps({"split": split, "miou": miou}))
+    return run
+
+
+def test_compare_pairs_seeds_and_reports_the_gap_share(tmp_path, capsys):
+    from kdnb.cli import main
+    from kdnb.compare import compare, read_run
+
+    runs = [_fake_run(tmp_path, f"b{s}", {}, s, m) for s, m in ((0, 0.30), (1, 0.34), (2, 0.32))]
+    runs += [_fake_run(tmp_path, f"k{s}", {"kd": 1.0}, s, m)
+             for s, m in ((0, 0.32), (1, 0.36), (2, 0.34))]
+    summaries = compare([read_run(r) for r in runs], teacher_miou=52.0)
+    base, kd = summaries
+    assert base["methods"] == "baseline" and kd["methods"] == "kd"
+    assert kd["gain"] == pytest.approx(2.0) and kd["gain_std"] == pytest.approx(0.0, abs=1e-9)
+    assert base["std"] == pytest.approx(2.0)  # seed spread, much larger than the paired one
+    assert kd["gap_share"] == pytest.approx(100 * 2.0 / (52.0 - 32.0))
+    assert main(["compare", *map(str, runs), "--teacher-miou", "52"]) == 0
+    assert "+2.00" in capsys.readouterr().out
+
+
+def test_compare_without_the_split_says_how_to_get_it(tmp_path):
+    from kdnb.compare import read_run
+
+    run = _fake_run(tmp_path, "r", {}, 0, 0.3, split="val")
+    with pytest.raises(FileNotFoundError, match="kdnb eval"):
+        read_run(run, "test")
