@@ -41,6 +41,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                    help="an smp model option, e.g. decoder_dropout=0 (repeatable)")
     p.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm under torchrun")
     p.add_argument("--freeze-bn", action="store_true", help="BatchNorm keeps its running statistics")
+    p.add_argument("--no-flip", action="store_true", help="no random horizontal flip")
+    p.add_argument("--cache-teacher", action="store_true",
+                   help="compute the teacher's outputs once (needs a fixed pool: --no-flip)")
     p.add_argument("--no-amp", action="store_true", help="disable bf16 autocast on CUDA")
     p.add_argument("--run-dir", help="output folder (default runs/<model>-<data>-s<seed>)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
@@ -79,6 +82,10 @@ def config_from_args(args) -> TrainConfig:
         changes["sync_bn"] = True
     if args.freeze_bn:
         changes["freeze_bn"] = True
+    if args.no_flip:
+        changes["flip"] = False
+    if args.cache_teacher:
+        changes["cache_teacher"] = True
     if args.no_amp:
         changes["amp"] = False
     if changes.get("data", cfg.data) != "synth" and "data_kwargs" not in changes \

@@ -26,6 +26,7 @@ class TrainConfig:
     teacher: str | None = None        # path of the teacher's model.pt (frozen, eval mode)
     methods: dict = field(default_factory=dict)  # e.g. {"kd": 1.0, "nfd": {"weight": 2.0}, "fakd": {}}
     task_weight: float = 1.0          # weight of the cross-entropy on the labels
+    cache_teacher: bool = False       # compute the teacher's outputs once (fixed training pool)
     # Optimization (METHODS.md recipe: SGD 0.02, momentum 0.9, wd 1e-4, poly 0.9).
     steps: int = 1000                 # optimizer steps
     batch_size: int = 16              # global batch (split across DDP ranks)

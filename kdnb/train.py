@@ -109,8 +109,23 @@ class StepSampler(Sampler):
 
 
 def collate(batch):
-    images, masks = zip(*batch)
-    return torch.stack(images), torch.stack(masks)
+    """Stacks ``(image, mask[, index])`` samples into batch tensors."""
+    return tuple(torch.stack(x) if isinstance(x[0], torch.Tensor) else torch.tensor(x)
+                 for x in zip(*batch))
+
+
+class Indexed(Dataset):
+    """Adds each sample's dataset index, so per-sample caches can be looked up."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        index = key if isinstance(key, int) else key[0]
+        return (*self.dataset[key], index)
 
 
 # --------------------------------------------------------------------------- schedule
@@ -286,8 +301,6 @@ class Trainer:
         seed_everything(cfg.seed)
         model = build_model(cfg.model, self.num_classes, encoder_weights=cfg.encoder_weights,
                             **cfg.model_kwargs)
-        if self.world > 1:  # same initial weights everywhere, but each rank its own dropout
-            torch.manual_seed(cfg.seed + 1_000_003 * self.rank)
         if cfg.sync_bn and self.device.type != "cuda":
             raise ValueError("--sync-bn needs CUDA (torch's SyncBatchNorm is GPU-only); on CPU "
                              "leave it off: each process then normalizes its own shard")
@@ -307,13 +320,16 @@ class Trainer:
         self.best = None
 
     # -- hooks for subclasses (the distillation trainer extends these)
+    def loader_dataset(self) -> Dataset:
+        return self.train_set
+
     def extra_state(self) -> dict:
         return {}
 
     def load_extra_state(self, state: dict) -> None:
         pass
 
-    def train_step(self, images: torch.Tensor, masks: torch.Tensor) -> dict[str, torch.Tensor]:
+    def train_step(self, images: torch.Tensor, masks: torch.Tensor, *extra) -> dict[str, torch.Tensor]:
         """One optimizer step; returns detached loss tensors (no host sync)."""
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cuda and self.cfg.amp):
             logits = self.ddp(images)
@@ -401,11 +417,15 @@ class Trainer:
                 raise FileExistsError(f"{self.run_dir} already holds checkpoints: pass --resume "
                                       "to continue that run, or choose a new --run-dir")
             self._check_config()
+        if self.step == 0:
+            # The training stream (dropout) is a function of the seed alone, whatever ran
+            # since the model was built; every rank gets its own.
+            seed_everything(cfg.seed + 1_000_003 * self.rank)
         sampler = StepSampler(len(self.train_set), cfg.batch_size, cfg.steps, seed=cfg.seed,
                               start=self.step, rank=self.rank, world=self.world)
         # The loader gets its own generator: drawing its base seed from the global RNG would
         # shift dropout's random stream on resume.
-        loader = DataLoader(self.train_set, batch_sampler=sampler, num_workers=cfg.workers,
+        loader = DataLoader(self.loader_dataset(), batch_sampler=sampler, num_workers=cfg.workers,
                             collate_fn=collate, pin_memory=self.cuda,
                             generator=torch.Generator().manual_seed(cfg.seed))
         bar = None
@@ -416,12 +436,12 @@ class Trainer:
         self.train_mode()
         sums: dict[str, torch.Tensor] = {}
         count, t0 = 0, time.perf_counter()
-        for images, masks in loader:
+        for images, masks, *extra in loader:
             images = images.to(self.device, non_blocking=True)
             masks = masks.to(self.device, non_blocking=True)
             if self.cuda and cfg.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
-            losses = self.train_step(images, masks)
+            losses = self.train_step(images, masks, *extra)
             self.scheduler.step()
             self.step += 1
             for k, v in losses.items():  # summed on the device: no sync per step
@@ -586,10 +606,42 @@ class DistillTrainer(Trainer):
         self.losses = build_losses(spec, student_channels=self.model.classifier.in_channels,
                                    teacher_channels=teacher.classifier.in_channels,
                                    num_classes=self.num_classes).to(self.device)
+        self.teacher_cache = self._cache_teacher() if cfg.cache_teacher else None
         # Adapters are trained with the student.
         self.optimizer = build_optimizer(nn.ModuleList([self.model, self.losses]), cfg)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, poly_lambda(cfg.steps, cfg.poly_power, cfg.warmup_steps))
+
+    @torch.inference_mode()
+    def _cache_teacher(self) -> dict[str, torch.Tensor]:
+        """The teacher's head features and logits for every training image, computed once.
+
+        Valid only for a fixed training pool: the training transform must be the identity
+        (no flip, no random scale or crop), else a cached output would belong to another
+        image than the one the student sees.
+        """
+        transform = getattr(self.train_set, "transform", None)
+        fixed = (transform is None or (not transform.flip and transform.crop_size is None
+                                       and tuple(transform.scale_range) == (1.0, 1.0)))
+        if not fixed:
+            raise ValueError("cache_teacher needs a fixed training pool: set flip=False and no "
+                             "random scale or crop (SynthScenes: --no-flip), or turn the cache off")
+        from .features import forward_with_head
+
+        base = getattr(self.train_set, "dataset", self.train_set)
+        feats, logits = [], []
+        amp = dict(device_type=self.device.type, dtype=torch.bfloat16,
+                   enabled=self.cuda and self.cfg.amp)
+        for start in range(0, len(base), 64):
+            images = torch.stack([base[i][0] for i in range(start, min(start + 64, len(base)))])
+            with torch.autocast(**amp):
+                _, f, z = forward_with_head(self.teacher, images.to(self.device))
+            feats.append(f.float().cpu()), logits.append(z.float().cpu())
+        return {"feats": torch.cat(feats), "logits": torch.cat(logits)}
+
+    def loader_dataset(self) -> Dataset:
+        # With the cache, samples carry their index so the step can look the teacher up.
+        return Indexed(self.train_set) if self.teacher_cache is not None else self.train_set
 
     def extra_state(self) -> dict:
         return {"losses": self.losses.state_dict()}
@@ -598,15 +650,20 @@ class DistillTrainer(Trainer):
         if "losses" in state:
             self.losses.load_state_dict(state["losses"])
 
-    def train_step(self, images: torch.Tensor, masks: torch.Tensor) -> dict[str, torch.Tensor]:
+    def train_step(self, images: torch.Tensor, masks: torch.Tensor,
+                   indices: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         from .features import forward_with_head
 
         amp = dict(device_type=self.device.type, dtype=torch.bfloat16,
                    enabled=self.cuda and self.cfg.amp)
-        with torch.inference_mode(), torch.autocast(**amp):
-            _, t_feats, t_logits = forward_with_head(self.teacher, images)
-        # Inference tensors cannot be saved for backward: one copy makes them normal tensors.
-        teacher = {"feats": t_feats.clone(), "logits": t_logits.clone()}
+        if self.teacher_cache is not None:
+            teacher = {k: v[indices].to(self.device, non_blocking=True)
+                       for k, v in self.teacher_cache.items()}
+        else:
+            with torch.inference_mode(), torch.autocast(**amp):
+                _, t_feats, t_logits = forward_with_head(self.teacher, images)
+            # Inference tensors cannot be saved for backward: one copy makes them normal.
+            teacher = {"feats": t_feats.clone(), "logits": t_logits.clone()}
         for module in self.losses.values():
             if hasattr(module, "set_progress"):
                 module.set_progress(self.step, self.cfg.steps)

@@ -71,11 +71,11 @@ def test_demo_quick_end_to_end(capsys, tmp_path, monkeypatch):
 
 
 def test_every_full_scale_config_loads_and_flags_override(tmp_path):
-    import glob
+    from pathlib import Path
 
     from kdnb.cli import build_parser, config_from_args
 
-    files = sorted(glob.glob("configs/*.json"))
+    files = sorted(str(p) for p in (Path(__file__).parents[1] / "configs").glob("*.json"))
     assert len(files) == 12
     for path in files:
         args = build_parser().parse_args(["train", "--config", path, "--steps", "7"])

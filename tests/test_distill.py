@@ -173,3 +173,33 @@ def test_compare_without_the_split_says_how_to_get_it(tmp_path):
     run = _fake_run(tmp_path, "r", {}, 0, 0.3, split="val")
     with pytest.raises(FileNotFoundError, match="kdnb eval"):
         read_run(run, "test")
+
+
+def test_cached_teacher_outputs_equal_the_live_ones(tmp_path, teacher_ckpt):
+    """With a fixed pool the teacher's outputs are computed once: they equal a live forward
+    (to float tolerance: batch size changes the summation order), and so does the loss."""
+    from kdnb.features import forward_with_head
+
+    cfg = tiny(teacher=teacher_ckpt, methods={"kd": 1.0, "nfd": 1.0}, steps=1, flip=False,
+               ckpt_every=0)
+    cached = DistillTrainer(cfg.replace(cache_teacher=True), tmp_path / "cached", progress=False)
+    cache = cached.teacher_cache
+    assert cache["feats"].shape == (16, 64, 16, 16) and cache["logits"].shape == (16, 9, 16, 16)
+    images = torch.stack([cached.train_set.dataset[i][0] for i in (3, 7, 11)])
+    with torch.inference_mode():
+        _, feats, logits = forward_with_head(cached.teacher, images)
+    assert torch.allclose(cache["feats"][[3, 7, 11]], feats, atol=1e-5)
+    assert torch.allclose(cache["logits"][[3, 7, 11]], logits, atol=1e-5)
+    first = {}
+    for name, trainer in (("cached", cached),
+                          ("live", DistillTrainer(cfg, tmp_path / "live", progress=False))):
+        trainer.callbacks.append(lambda r, name=name: first.setdefault(name, r))
+        trainer.fit()
+    for key in ("task", "kd", "nfd"):
+        assert first["cached"][key] == pytest.approx(first["live"][key], rel=1e-5), key
+
+
+def test_teacher_cache_refuses_random_augmentation(tmp_path, teacher_ckpt):
+    cfg = tiny(teacher=teacher_ckpt, methods={"kd": 1.0}, cache_teacher=True)  # flip is on
+    with pytest.raises(ValueError, match="fixed training pool"):
+        DistillTrainer(cfg, tmp_path, progress=False)
