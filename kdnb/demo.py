@@ -20,7 +20,7 @@ from .train import Trainer, config_hash, evaluate, model_from_checkpoint, seed_e
 
 def quick_config(cfg: TrainConfig) -> TrainConfig:
     """A tiny budget that exercises every code path in seconds (tests, ``KDNB_QUICK=1``)."""
-    return cfg.replace(steps=12, batch_size=4, eval_every=6, ckpt_every=6, log_every=3,
+    return cfg.replace(steps=12, batch_size=4, eval_every=6, ckpt_every=0, log_every=3,
                        data_kwargs={**cfg.data_kwargs, "size": 64, "length": 48})
 
 

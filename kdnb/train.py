@@ -260,12 +260,17 @@ def evaluate(model: nn.Module, dataset: Dataset, *, num_classes: int, batch_size
 
 # --------------------------------------------------------------------------- the loop
 def config_hash(cfg: TrainConfig) -> str:
-    """A short hash of everything that changes the trained weights (cache key)."""
-    d = cfg.to_dict()
+    """A short hash of the settings that change the trained weights (a cache key).
+
+    Settings at their default value are left out, so a new config field does not
+    invalidate the models cached before it existed.
+    """
+    defaults = TrainConfig().to_dict()
+    d = {k: v for k, v in cfg.to_dict().items() if v != defaults[k]}
     for k in ("eval_every", "log_every", "ckpt_every", "keep_checkpoints", "workers",
               "threads", "eval_batch_size", "device"):
         d.pop(k, None)
-    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=list).encode()).hexdigest()[:10]
 
 
 class Trainer:
