@@ -552,8 +552,9 @@ def resolve_methods(methods: dict) -> dict:
     else:
         bases = [b for b in FAKD_BASES if b in spec]
         if not bases:
+            extra = " (cwd + fakd has no implemented bound yet)" if "cwd" in spec else ""
             raise ValueError("fakd augments another loss: add one of kd, nfd or mse to the "
-                             "methods (for example kd=1,fakd)")
+                             f"methods (for example kd=1,fakd){extra}")
         if len(bases) > 1:
             raise ValueError(f"fakd can augment one of {bases}: choose with fakd's option "
                              "on=logits (kd), on=nfd or on=feats (mse)")
