@@ -293,6 +293,9 @@ class Trainer:
         self.progress = progress
         self.rank, self.world = init_distributed()
         self.device = resolve_device(cfg.device)
+        if cfg.sync_bn and self.device.type != "cuda":
+            raise ValueError("--sync-bn needs CUDA (torch's SyncBatchNorm is GPU-only); on CPU "
+                             "leave it off: each process then normalizes its own shard")
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         info = dataset_info(cfg.data)
@@ -306,9 +309,6 @@ class Trainer:
         seed_everything(cfg.seed)
         model = build_model(cfg.model, self.num_classes, encoder_weights=cfg.encoder_weights,
                             **cfg.model_kwargs)
-        if cfg.sync_bn and self.device.type != "cuda":
-            raise ValueError("--sync-bn needs CUDA (torch's SyncBatchNorm is GPU-only); on CPU "
-                             "leave it off: each process then normalizes its own shard")
         if self.world > 1 and cfg.sync_bn:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         self.cuda = self.device.type == "cuda"
@@ -322,7 +322,6 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, poly_lambda(cfg.steps, cfg.poly_power, cfg.warmup_steps))
         self.step = 0
-        self.best = None
 
     # -- hooks for subclasses (the distillation trainer extends these)
     def loader_dataset(self) -> Dataset:
@@ -649,6 +648,19 @@ class DistillTrainer(Trainer):
         # With the cache, samples carry their index so the step can look the teacher up.
         return Indexed(self.train_set) if self.teacher_cache is not None else self.train_set
 
+    def _average_loss_gradients(self) -> None:
+        """DDP averages the student's gradients; the adapters live in the loss modules,
+        outside the DDP wrapper, so theirs are averaged here (one flat all-reduce)."""
+        grads = [p.grad for p in self.losses.parameters() if p.grad is not None]
+        if grads:
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            dist.all_reduce(flat)
+            flat /= self.world
+            offset = 0
+            for g in grads:
+                g.copy_(flat[offset:offset + g.numel()].view_as(g))
+                offset += g.numel()
+
     def extra_state(self) -> dict:
         return {"losses": self.losses.state_dict()}
 
@@ -684,6 +696,8 @@ class DistillTrainer(Trainer):
             loss = loss + module.loss_weight * terms[name]
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if self.world > 1:
+            self._average_loss_gradients()
         self.optimizer.step()
         return {"loss": loss.detach(), "task": task.detach(),
                 **{name: value.detach() for name, value in terms.items()}}

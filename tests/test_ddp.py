@@ -50,3 +50,34 @@ def test_sync_bn_on_cpu_is_refused(tmp_path, capsys):
 
     code = main(ARGS + ["--sync-bn", "--run-dir", str(tmp_path / "r")])
     assert code == 2 and "--sync-bn needs CUDA" in capsys.readouterr().err
+
+
+def test_two_process_distillation_averages_adapter_gradients(tmp_path):
+    """The adapters live in the loss modules, outside DDP's wrapper: their gradients must be
+    averaged too, or each rank's adapter drifts and the student with it."""
+    teacher_dir = tmp_path / "teacher"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-m", "kdnb.cli", "train", "--model", "synth-teacher",
+                          "--size", "64", "--steps", "1", "--batch-size", "2", "--eval-every", "0",
+                          "--threads", "1", "--run-dir", str(teacher_dir)],
+                         env=env, capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0, out.stderr[-2000:]
+    extra = ["--freeze-bn", "--teacher", str(teacher_dir / "model.pt"), "--methods", "nfd=1",
+             "--ckpt-every", "6"]
+    results = {}
+    for nproc in (1, 2):
+        run_dir = tmp_path / f"p{nproc}"
+        argv = ["distill" if a == "train" else a for a in ARGS] + extra
+        cmd = ([sys.executable, "-m", "kdnb.cli"] if nproc == 1 else
+               [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                f"--nproc_per_node={nproc}", "-m", "kdnb.cli"])
+        out = subprocess.run(cmd + argv + ["--run-dir", str(run_dir)], env=env,
+                             capture_output=True, text=True, timeout=240)
+        assert out.returncode == 0, out.stderr[-3000:]
+        ckpt = torch.load(run_dir / "ckpt-0000006.pt", weights_only=True)
+        results[nproc] = {**ckpt["model"], **{f"losses.{k}": v for k, v in
+                                               ckpt["extra"]["losses"].items()}}
+    assert any("adapter" in k for k in results[1])
+    for key, value in results[1].items():
+        diff = float((value.float() - results[2][key].float()).abs().max())
+        assert diff <= 1e-4 * (float(value.float().abs().max()) + 1e-12), (key, diff)

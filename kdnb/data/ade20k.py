@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .base import SegmentationFolder, lookup_table, missing_error
+from .base import SegmentationFolder, lookup_table, missing_error, missing_folder
 
 CLASSES = (
     "wall", "building", "sky", "floor", "tree", "ceiling", "road", "bed", "windowpane",
@@ -63,17 +63,12 @@ def _palette(n: int) -> tuple[tuple[int, int, int], ...]:
 PALETTE = _palette(NUM_CLASSES)
 
 
-def _no_folder(root: Path) -> str:
-    if Path(root).name == FOLDER and Path(root).is_dir():  # root given one level too deep
-        return f"{FOLDER}/ does not exist (root is {FOLDER}/ itself: pass its parent)"
-    return f"{FOLDER}/ does not exist"
-
 
 def check(root: Path) -> str | None:
     """None when ADE20K is under ``root/ADEChallengeData2016``, else what is missing."""
     base = Path(root) / FOLDER
     if not base.is_dir():
-        return _no_folder(root)
+        return missing_folder(root, FOLDER)
     for kind in ("images", "annotations"):
         for sub in _SPLIT_DIRS.values():
             if not (base / kind / sub).is_dir():

@@ -47,6 +47,14 @@ def missing_error(name: str, looked: Path, what: str, how: str) -> DatasetNotFou
         "data/README.md explains each dataset's layout.")
 
 
+def missing_folder(root: str | os.PathLike, folder: str) -> str:
+    """What :func:`check` reports when ``root/folder`` is absent, with the common slip
+    of passing the dataset folder itself as the root."""
+    if Path(root).name == folder and Path(root).is_dir():
+        return f"{folder}/ does not exist (root is {folder}/ itself: pass its parent)"
+    return f"{folder}/ does not exist"
+
+
 def read_image(path: Path) -> torch.Tensor:
     """Reads an RGB image as ``(3, H, W)`` float32 in [0, 1]; names the file if unreadable."""
     try:

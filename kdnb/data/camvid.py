@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .base import SegmentationFolder, lookup_table, missing_error
+from .base import SegmentationFolder, lookup_table, missing_error, missing_folder
 
 CLASSES = ("Sky", "Building", "Pole", "Road", "Pavement", "Tree", "SignSymbol", "Fence", "Car",
            "Pedestrian", "Bicyclist")
@@ -34,17 +34,12 @@ HOW_TO_GET = ("Copy the CamVid folder of the SegNet tutorial repository "
               "data root, so that it holds CamVid/train/ and CamVid/trainannot/.")
 
 
-def _no_folder(root: Path) -> str:
-    if Path(root).name == FOLDER and Path(root).is_dir():  # root given one level too deep
-        return f"{FOLDER}/ does not exist (root is {FOLDER}/ itself: pass its parent)"
-    return f"{FOLDER}/ does not exist"
-
 
 def check(root: Path) -> str | None:
     """None when CamVid is under ``root/CamVid``, else what is missing."""
     base = Path(root) / FOLDER
     if not base.is_dir():
-        return _no_folder(root)
+        return missing_folder(root, FOLDER)
     for split in SPLITS:
         for sub in (split, f"{split}annot"):
             if not (base / sub).is_dir():

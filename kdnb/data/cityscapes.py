@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .base import SegmentationFolder, lookup_table, missing_error
+from .base import SegmentationFolder, lookup_table, missing_error, missing_folder
 
 CLASSES = (
     "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign",
@@ -48,17 +48,12 @@ _IMAGE_SUFFIX = "_leftImg8bit.png"
 _LABEL_SUFFIX = "_gtFine_labelIds.png"
 
 
-def _no_folder(root: Path) -> str:
-    if Path(root).name == FOLDER and Path(root).is_dir():  # root given one level too deep
-        return f"{FOLDER}/ does not exist (root is {FOLDER}/ itself: pass its parent)"
-    return f"{FOLDER}/ does not exist"
-
 
 def check(root: Path) -> str | None:
     """None when Cityscapes is under ``root/cityscapes``, else what is missing."""
     base = Path(root) / FOLDER
     if not base.is_dir():
-        return _no_folder(root)
+        return missing_folder(root, FOLDER)
     for sub in ("leftImg8bit", "gtFine"):
         if not (base / sub).is_dir():
             return f"missing {FOLDER}/{sub}/ (from {sub}_trainvaltest.zip)"

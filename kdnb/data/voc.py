@@ -24,7 +24,7 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
-from .base import SegmentationFolder, missing_error
+from .base import SegmentationFolder, missing_error, missing_folder
 
 CLASSES = (
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat",
@@ -74,16 +74,11 @@ def _first_missing(base: Path, names) -> str | None:
     return next((name for name in names if not (base / name).exists()), None)
 
 
-def _no_folder(root: Path) -> str:
-    if Path(root).name == FOLDER and Path(root).is_dir():  # root given one level too deep
-        return f"{FOLDER}/ does not exist (root is {FOLDER}/ itself: pass its parent)"
-    return f"{FOLDER}/ does not exist"
-
 
 def check(root: Path) -> str | None:
     """None when VOC 2012 is under ``root/VOCdevkit``, else what is missing."""
     if not (Path(root) / FOLDER).is_dir():
-        return _no_folder(root)
+        return missing_folder(root, FOLDER)
     missing = _first_missing(Path(root) / FOLDER / _BASE, _REQUIRED)
     return f"missing {FOLDER}/{_BASE}/{missing}" if missing else None
 

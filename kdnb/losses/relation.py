@@ -16,25 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdnb.features import match_size
+from kdnb.losses.feature import _check_features, _upcast
 
 __all__ = ["skd_pairwise_loss", "ifvd_loss", "SKDLoss", "IFVDLoss"]
-
-
-def _upcast(x: torch.Tensor) -> torch.Tensor:
-    # float16/bfloat16 under autocast -> float32; float64 stays (tests and gradcheck use it).
-    return x if x.dtype in (torch.float32, torch.float64) else x.float()
-
-
-def _check_positions(student: torch.Tensor, teacher: torch.Tensor) -> None:
-    if student.ndim != 4 or teacher.ndim != 4:
-        raise ValueError(f"features must be (B, C, h, w): got student {tuple(student.shape)} "
-                         f"and teacher {tuple(teacher.shape)}")
-    s, t = tuple(student.shape), tuple(teacher.shape)
-    if s[0] != t[0]:
-        raise ValueError(f"student features {s} and teacher features {t} differ in batch size")
-    if s[2:] != t[2:]:
-        raise ValueError(f"student features {s} and teacher features {t} differ: resize the "
-                         "teacher to the student's size with kdnb.features.match_size first")
 
 
 def _masks_at(masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -95,7 +79,7 @@ def skd_pairwise_loss(student_feats: torch.Tensor, teacher_feats: torch.Tensor, 
 
     Introduced in notebooks/04_distillation_runs.ipynb.
     """
-    _check_positions(student_feats, teacher_feats)
+    _check_features(student_feats, teacher_feats, same_channels=False)
     if not isinstance(pool, int) or pool < 1:
         raise ValueError(f"pool must be a positive int, got {pool!r}")
     s = _upcast(student_feats)
@@ -159,7 +143,7 @@ def ifvd_loss(student_feats: torch.Tensor, teacher_feats: torch.Tensor, masks: t
 
     Introduced in notebooks/04_distillation_runs.ipynb.
     """
-    _check_positions(student_feats, teacher_feats)
+    _check_features(student_feats, teacher_feats, same_channels=False)
     b, _, h, w = student_feats.shape
     if masks.ndim != 3 or masks.shape[0] != b:
         raise ValueError(f"masks must be (B, H, W) with B = {b} like the features, "
