@@ -8,9 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
-import time
 from pathlib import Path
 
 from .config import RECIPES, TrainConfig, get_recipe
@@ -150,9 +148,8 @@ def cmd_train(args) -> int:
 
 def cmd_eval(args) -> int:
     from .data import build_dataset, dataset_info
-    from .train import evaluate, model_from_checkpoint, resolve_device
+    from .train import evaluate, load_checkpoint, model_from_checkpoint, resolve_device
 
-    from .train import load_checkpoint
     ckpt = load_checkpoint(args.ckpt)
     cfg = ckpt.get("config", {})
     data = args.data or cfg.get("data", "synth")

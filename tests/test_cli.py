@@ -1,8 +1,6 @@
 """The kdnb command: listing, clear errors, and the demo end to end in quick mode."""
 import json
 
-import pytest
-
 from kdnb.cli import main
 
 

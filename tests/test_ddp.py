@@ -4,7 +4,6 @@ import os
 import subprocess
 import sys
 
-import pytest
 import torch
 
 ARGS = ["train", "--model", "synth-student", "--size", "64", "--steps", "6", "--batch-size", "8",
