@@ -76,6 +76,14 @@ def make_adapter(student_channels: int, teacher_channels: int, *, adapter: bool 
     return ChannelAdapter(student_channels, teacher_channels, batchnorm=batchnorm)
 
 
+def matched_feats(student: dict, teacher: dict, adapter: nn.Module | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The student's head feature through its adapter (if any) and the teacher's, detached
+    and resized to the student's size: the pair every feature loss compares."""
+    s = student["feats"] if adapter is None else adapter(student["feats"])
+    return s, match_size(teacher["feats"].detach(), s.shape[-2:])
+
+
 def feature_mse_loss(student_feats: torch.Tensor, teacher_feats: torch.Tensor) -> torch.Tensor:
     """FitNets-style feature regression: ``mean((A f_s - f_t)^2)``.
 
@@ -262,10 +270,7 @@ class FeatureMSELoss(nn.Module):
 
     def forward(self, student: dict, teacher: dict, masks: torch.Tensor | None = None
                 ) -> torch.Tensor:
-        s = student["feats"]
-        if self.adapter is not None:
-            s = self.adapter(s)
-        t = match_size(teacher["feats"].detach(), s.shape[-2:])
+        s, t = matched_feats(student, teacher, self.adapter)
         return feature_mse_loss(s, t)
 
 
@@ -285,9 +290,7 @@ class ATLoss(nn.Module):
 
     def forward(self, student: dict, teacher: dict, masks: torch.Tensor | None = None
                 ) -> torch.Tensor:
-        s = student["feats"]
-        t = match_size(teacher["feats"].detach(), s.shape[-2:])
-        return at_loss(s, t)
+        return at_loss(*matched_feats(student, teacher))
 
 
 class NFDLoss(nn.Module):
@@ -332,10 +335,7 @@ class NFDLoss(nn.Module):
 
     def forward(self, student: dict, teacher: dict, masks: torch.Tensor | None = None
                 ) -> torch.Tensor:
-        s = student["feats"]
-        if self.adapter is not None:
-            s = self.adapter(s)
-        t = match_size(teacher["feats"].detach(), s.shape[-2:])
+        s, t = matched_feats(student, teacher, self.adapter)
         return nfd_loss(s, t, norm=self.norm, eps=self.eps, reduction=self.reduction)
 
     def extra_repr(self) -> str:

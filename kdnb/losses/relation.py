@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdnb.features import match_size
-from kdnb.losses.feature import _check_features, _upcast
+from kdnb.losses.feature import _check_features, _upcast, matched_feats
 
 __all__ = ["skd_pairwise_loss", "ifvd_loss", "SKDLoss", "IFVDLoss"]
 
@@ -185,9 +185,7 @@ class SKDLoss(nn.Module):
 
     def forward(self, student: dict, teacher: dict, masks: torch.Tensor | None = None
                 ) -> torch.Tensor:
-        s = student["feats"]
-        t = match_size(teacher["feats"].detach(), s.shape[-2:])
-        return skd_pairwise_loss(s, t, pool=self.pool)
+        return skd_pairwise_loss(*matched_feats(student, teacher), pool=self.pool)
 
     def extra_repr(self) -> str:
         return f"pool={self.pool}"
