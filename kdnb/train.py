@@ -69,10 +69,6 @@ def init_distributed() -> tuple[int, int]:
     return 0, 1
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-
-
 # --------------------------------------------------------------------------- data order
 class StepSampler(Sampler):
     """Batches of ``(index, epoch)`` keys for steps ``start..steps-1``, a function of the seed.
@@ -351,15 +347,17 @@ class Trainer:
         for callback in self.callbacks:
             callback(record)
 
+    def model_record(self) -> dict:
+        """What rebuilds the model: weights, preset, class count, options, config."""
+        return {"model": self.model.state_dict(), "preset": self.model.preset,
+                "num_classes": self.num_classes, "model_kwargs": dict(self.cfg.model_kwargs),
+                "kdnb_version": __version__, "config": self.cfg.to_dict(), "step": self.step}
+
     def state_dict(self) -> dict:
-        model = unwrap(self.ddp)
         return {
-            "model": unwrap(model).state_dict(), "preset": self.model.preset,
-            "num_classes": self.num_classes, "model_kwargs": dict(self.cfg.model_kwargs),
-            "kdnb_version": __version__,
+            **self.model_record(),
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-            "step": self.step, "rng": rng_state(), "config": self.cfg.to_dict(),
-            "extra": self.extra_state(),
+            "rng": rng_state(), "extra": self.extra_state(),
         }
 
     def save(self) -> Path | None:
@@ -502,10 +500,7 @@ class Trainer:
 
     def export(self, path: Path) -> None:
         """Writes the weights alone (what ``kdnb eval`` and distillation load)."""
-        atomic_save({"model": self.model.state_dict(), "preset": self.model.preset,
-                     "num_classes": self.num_classes, "model_kwargs": dict(self.cfg.model_kwargs),
-                     "kdnb_version": __version__,
-                     "config": self.cfg.to_dict(), "step": self.step}, path)
+        atomic_save(self.model_record(), path)
 
 
 def atomic_save_json(obj, path: Path) -> None:

@@ -3,7 +3,7 @@
 The references here are written from scratch: pixel KD, the ISDA surrogate, nearest
 resizing, and Monte Carlo over explicit Gaussian augmentations.
 """
-import importlib.util
+from conftest import load_fixture_script
 import json
 import math
 import pathlib
@@ -485,10 +485,7 @@ def test_nfd_bound_gap_to_monte_carlo(gen):
 # --------------------------------------------------------------------------- golden, errors
 
 def test_golden_values():
-    spec = importlib.util.spec_from_file_location("make_golden_augment",
-                                                  FIXTURES / "make_golden_augment.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_fixture_script("make_golden_augment")
     golden = json.loads((FIXTURES / "golden_augment.json").read_text())
     computed = module.compute()
     assert computed.keys() == golden.keys()

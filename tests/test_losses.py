@@ -4,7 +4,7 @@ All tensors are tiny (at most 2 x 10 x 16 x 16) so the file runs in seconds on a
 """
 from __future__ import annotations
 
-import importlib.util
+from conftest import load_fixture_script
 import itertools
 import json
 import math
@@ -186,9 +186,7 @@ def test_no_data_dependent_host_sync(name):
 
 
 def test_golden_values():
-    spec = importlib.util.spec_from_file_location("make_golden", FIXTURES / "make_golden.py")
-    make_golden = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(make_golden)
+    make_golden = load_fixture_script("make_golden")
     expected = json.loads((FIXTURES / "golden_losses.json").read_text())
     got = make_golden.compute_golden()
     assert got.keys() == expected.keys()
