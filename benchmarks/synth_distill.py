@@ -1,8 +1,10 @@
 """The embedded distillation benchmark: every method on SynthScenes over paired seeds.
 
-    python benchmarks/synth_distill.py                       # 5 seeds, every method
-    python benchmarks/synth_distill.py --sweep nfd=0.5,1,2,4  # choose a weight on val (seed 0)
-    python benchmarks/synth_distill.py --quick --no-write     # seconds; what the test runs
+    python benchmarks/synth_distill.py                        # 5 seeds, every method
+    python benchmarks/synth_distill.py --sweep nfd=0.5,1,2,4   # choose a weight on val (seed 0)
+    python benchmarks/synth_distill.py --methods baseline kd --seeds 1 --set steps=400 --tag s400
+                                                              # a regime probe (other budget)
+    python benchmarks/synth_distill.py --quick --no-write      # seconds; what the test runs
 
 Protocol:
 * one teacher (the ``synth-teacher`` recipe, cached in data/checkpoints);
@@ -13,10 +15,11 @@ Protocol:
   the baseline costs;
 * hyperparameters are chosen on the val split (``--sweep``), numbers reported on test.
 
-Runs land in ``runs/synth_distill/<method>-s<seed>``; finished runs are reused, so an
-interrupted benchmark continues where it stopped. The tables (val and test, from
-``kdnb.compare``) are printed and appended to benchmarks/RESULTS.md with the command and
-the wall time.
+The methods and their weights are ``kdnb.demo.COMPARISON`` (what ``make demo`` and
+notebook 04 run). Runs land in ``runs/synth_distill[/<tag>]/<method>-s<seed>``; finished
+runs are reused, so an interrupted benchmark continues where it stopped. The tables (val
+and test, from ``kdnb.compare``) are printed and appended to benchmarks/RESULTS.md with
+the command and the wall time.
 """
 from __future__ import annotations
 
@@ -30,37 +33,24 @@ from pathlib import Path
 import torch
 
 from kdnb.compare import compare, format_table, read_run
-from kdnb.config import get_recipe
+from kdnb.config import TrainConfig
 from kdnb.data import build_dataset
-from kdnb.demo import quick_config, train_or_load
-from kdnb.train import evaluate, make_trainer, model_from_checkpoint
-
-#: method name -> the ``methods`` dict of its runs (weights chosen on val; see RESULTS.md).
-METHODS = {
-    "baseline": {},
-    "kd": {"kd": {"weight": 0.25, "temperature": 2.0}},  # weight chosen on val (RESULTS.md)
-    "mse": {"mse": {"weight": 1.0}},
-    "cwd": {"cwd": {"weight": 3.0}},
-    "nfd": {"nfd": {"weight": 2.0}},
-    "nfd+fakd": {"nfd": {"weight": 2.0}, "fakd": {"lambda_0": 1.0}},
-    "kd+fakd": {"kd": {"weight": 0.25, "temperature": 2.0}, "fakd": {"lambda_0": 1.0}},
-}
-
-
-def student_config(methods: dict, seed: int, teacher: str | None, quick: bool):
-    cfg = get_recipe("synth-student")
-    if quick:
-        cfg = quick_config(cfg)
-    return cfg.replace(seed=seed, flip=False, methods=methods, teacher=teacher if methods else None,
-                       cache_teacher=bool(methods), eval_every=0)
+from kdnb.demo import COMPARISON, cache_path, student_config, teacher_config, train_or_load
+from kdnb.train import config_hash, evaluate, make_trainer, model_from_checkpoint
 
 
 def run_one(name: str, methods: dict, seed: int, teacher: str, root: Path, quick: bool,
-            test_set) -> Path:
+            test_set, changes: dict) -> Path:
     run_dir = root / f"{name}-s{seed}"
+    cfg = student_config(methods, seed=seed, teacher=teacher, quick=quick,
+                         **{"eval_every": 0, **changes})
+    saved = run_dir / "config.json"
+    if saved.is_file() and config_hash(TrainConfig.from_dict(json.loads(saved.read_text()))) \
+            != config_hash(cfg):
+        raise SystemExit(f"{run_dir} holds a run with other settings than {name} has now "
+                         f"({cfg.methods}): delete it, or give these runs another --tag")
     if (run_dir / "final.json").is_file() and (run_dir / "test.json").is_file():
         return run_dir  # finished earlier
-    cfg = student_config(methods, seed, teacher, quick)
     trainer = make_trainer(cfg, run_dir, progress=not quick)
     trainer.fit(resume=(run_dir / "config.json").is_file())
     result = evaluate(trainer.model, test_set, num_classes=test_set.num_classes, batch_size=32)
@@ -68,12 +58,26 @@ def run_one(name: str, methods: dict, seed: int, teacher: str, root: Path, quick
     return run_dir
 
 
-def parse_sweep(text: str) -> tuple[str, list[float]]:
+def parse_sweep(text: str, methods: dict) -> tuple[str, list[float]]:
     name, _, values = text.partition("=")
-    if name not in METHODS or name == "baseline" or not values:
+    if name not in methods or name == "baseline" or not values:
         raise SystemExit(f"--sweep expects METHOD=w1,w2,... with METHOD in "
-                         f"{[m for m in METHODS if m != 'baseline']}, got {text!r}")
+                         f"{[m for m in methods if m != 'baseline']}, got {text!r}")
     return name, [float(v) for v in values.split(",")]
+
+
+def parse_set(items: list[str]) -> dict:
+    """``FIELD=JSON`` pairs -> config changes, e.g. ``steps=400`` or ``optimizer="sgd"``."""
+    changes = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set expects FIELD=VALUE, got {item!r}")
+        try:
+            changes[key] = json.loads(value)
+        except json.JSONDecodeError:
+            changes[key] = value  # a bare string: optimizer=sgd
+    return changes
 
 
 def with_weight(methods: dict, weight: float) -> dict:
@@ -85,24 +89,42 @@ def with_weight(methods: dict, weight: float) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=5)
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME=JSON",
+                        help="another setting to compare, e.g. 'kd-t1={\"kd\": {\"weight\": 1, "
+                             "\"temperature\": 1}}'; then list NAME in --methods")
+    parser.add_argument("--methods", nargs="+", default=list(COMPARISON))
     parser.add_argument("--sweep", help="METHOD=w1,w2,...: val mIoU per weight, seed 0")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="change a student config field for every run (use with --tag)")
+    parser.add_argument("--tag", help="runs go to ROOT/TAG (other settings, other runs)")
     parser.add_argument("--root", default="runs/synth_distill")
     parser.add_argument("--quick", action="store_true", help="tiny budgets (tests)")
     parser.add_argument("--threads", type=int, help="torch CPU threads")
     parser.add_argument("--no-write", action="store_true")
     parser.add_argument("--out", default=str(Path(__file__).with_name("RESULTS.md")))
     args = parser.parse_args()
+    changes = parse_set(args.set)
+    methods = dict(COMPARISON)
+    for item in args.variant:
+        name, sep, spec = item.partition("=")
+        if not sep or name in COMPARISON:
+            raise SystemExit(f"--variant expects NAME=JSON with a new NAME, got {item!r}")
+        methods[name] = json.loads(spec)
+    unknown = [m for m in args.methods if m not in methods]
+    if unknown:
+        raise SystemExit(f"unknown methods {unknown}: choose among {list(methods)} "
+                         "(or define one with --variant)")
+    if changes and not args.tag:
+        raise SystemExit("--set changes the runs: give them their own folder with --tag NAME")
     if args.threads:
         torch.set_num_threads(args.threads)
     start = time.perf_counter()
     root = Path(args.root)
-    teacher_cfg = get_recipe("synth-teacher")
-    if args.quick:
-        teacher_cfg = quick_config(teacher_cfg)
+    teacher_cfg = teacher_config(quick=args.quick)
     train_or_load(teacher_cfg, root / "teacher", progress=not args.quick)
-    from kdnb.demo import cache_path
     teacher = str(cache_path(teacher_cfg))
+    if args.tag:
+        root = root / args.tag
     test_set = build_dataset("synth", split="test", **teacher_cfg.data_kwargs)
     teacher_model = model_from_checkpoint(teacher)
     teacher_test = 100 * evaluate(teacher_model, test_set, num_classes=test_set.num_classes,
@@ -111,22 +133,32 @@ def main() -> None:
     teacher_val = 100 * evaluate(teacher_model, val_set, num_classes=val_set.num_classes,
                                  batch_size=32)["miou"]
 
+    def one(name, methods, seed):
+        return run_one(name, methods, seed, teacher, root, args.quick, test_set, changes)
+
     if args.sweep:
-        name, weights = parse_sweep(args.sweep)
-        runs = [run_one("baseline", {}, 0, teacher, root, args.quick, test_set)]
+        name, weights = parse_sweep(args.sweep, methods)
+        runs = [one("baseline", {}, 0)]
         for w in weights:
-            runs.append(run_one(f"{name}-w{w:g}", with_weight(METHODS[name], w), 0, teacher,
-                                root, args.quick, test_set))
-        lines = [f"{Path(r).name}: val mIoU {read_run(r, 'val')['miou']:.2f}" for r in runs]
+            spec = with_weight(methods[name], w)
+            # the chosen weight's run is seed 0 of the paired table: trained once
+            runs.append(one(name if spec == methods[name] else f"{name}-w{w:g}", spec, 0))
+        lines = [f"{Path(r).name}: val mIoU {read_run(r, 'val')['miou']:.2f}, "
+                 f"test {read_run(r, 'test')['miou']:.2f}" for r in runs]
         report = "\n".join(lines)
         title = f"Weight sweep for {name} on val (seed 0)"
     else:
-        runs = [run_one(name, METHODS[name], seed, teacher, root, args.quick, test_set)
+        runs = [one(name, methods[name], seed)
                 for seed in range(args.seeds) for name in args.methods]
-        val = format_table(compare([read_run(r, "val") for r in runs], teacher_val), teacher_val)
-        test = format_table(compare([read_run(r, "test") for r in runs], teacher_test), teacher_test)
+        labels = [name for seed in range(args.seeds) for name in args.methods]
+        val = format_table(compare([read_run(r, "val", n) for r, n in zip(runs, labels)],
+                                   teacher_val), teacher_val)
+        test = format_table(compare([read_run(r, "test", n) for r, n in zip(runs, labels)],
+                                    teacher_test), teacher_test)
         report = f"val (model selection):\n\n{val}\n\ntest (reported):\n\n{test}"
         title = f"SynthScenes distillation, {args.seeds} paired seeds"
+    if changes:
+        title += f", student changes {changes}"
     wall = time.perf_counter() - start
     print(report)
     print(f"\n{wall:.0f} s")

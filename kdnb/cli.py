@@ -9,6 +9,7 @@ import argparse
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from .config import RECIPES, TrainConfig, get_recipe
@@ -43,6 +44,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-teacher", action="store_true",
                    help="compute the teacher's outputs once (needs a fixed pool: --no-flip)")
     p.add_argument("--no-amp", action="store_true", help="disable bf16 autocast on CUDA")
+    p.add_argument("--skip-nonfinite", action="store_true",
+                   help="skip steps whose loss or gradients are NaN/Inf instead of stopping "
+                        "(costs one host sync per step); may be turned on when resuming")
     p.add_argument("--run-dir", help="output folder (default runs/<model>-<data>-s<seed>)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
 
@@ -86,6 +90,8 @@ def config_from_args(args) -> TrainConfig:
         changes["cache_teacher"] = True
     if args.no_amp:
         changes["amp"] = False
+    if args.skip_nonfinite:
+        changes["skip_nonfinite"] = True
     if changes.get("data", cfg.data) != "synth" and "data_kwargs" not in changes \
             and changes.get("data") is not None:
         changes["data_kwargs"] = {}  # synth sizes do not apply to real datasets
@@ -148,14 +154,14 @@ def cmd_train(args) -> int:
 
 def cmd_eval(args) -> int:
     from .data import build_dataset, dataset_info
-    from .train import evaluate, load_checkpoint, model_from_checkpoint, resolve_device
+    from .train import evaluate, load_checkpoint, model_from_record, resolve_device
 
     ckpt = load_checkpoint(args.ckpt)
     cfg = ckpt.get("config", {})
     data = args.data or cfg.get("data", "synth")
     kwargs = cfg.get("data_kwargs", {}) if data == cfg.get("data") else {}
     info = dataset_info(data)
-    model = model_from_checkpoint(args.ckpt, num_classes=info["num_classes"])
+    model = model_from_record(ckpt, args.ckpt, num_classes=info["num_classes"])
     device = resolve_device(args.device)
     dataset = build_dataset(data, args.root or cfg.get("root"), args.split, **kwargs)
     result = evaluate(model.to(device), dataset, num_classes=info["num_classes"],
@@ -227,8 +233,10 @@ def cmd_weights(args) -> int:
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
+    methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
     run_demo(out=Path(args.out), quick=args.quick or os.environ.get("KDNB_QUICK") == "1",
-             fresh=args.fresh, threads=args.threads)
+             fresh=args.fresh, threads=args.threads, methods=methods,
+             student_steps=args.student_steps)
     return 0
 
 
@@ -270,8 +278,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("weights", help="download ImageNet encoder weights for a preset")
     p.add_argument("--preset", required=True)
     p.set_defaults(func=cmd_weights)
-    p = sub.add_parser("demo", help="teacher and student on SynthScenes, with a prediction PNG")
+    p = sub.add_parser("demo", help="teacher, then students compared on SynthScenes (one seed), "
+                       "with a prediction PNG")
     p.add_argument("--out", default="runs/demo")
+    p.add_argument("--methods", default="baseline,kd,nfd,nfd+fakd",
+                   help="students to compare (kdnb.demo.COMPARISON: baseline, kd, mse, cwd, nfd, "
+                        "nfd+fakd, kd+fakd)")
+    p.add_argument("--student-steps", type=int,
+                   help="steps per student (default: the demo's budget, 600)")
     p.add_argument("--quick", action="store_true", help="a tiny budget (for tests); also KDNB_QUICK=1")
     p.add_argument("--fresh", action="store_true", help="retrain even if a cached model exists")
     p.add_argument("--threads", type=int, help="torch CPU threads")
@@ -279,11 +293,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"kdnb: warning: {message}", file=file or sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
-    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError, OSError) as err:
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning  # one line, without kdnb's source
+            return args.func(args)
+    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError, OSError,
+            FloatingPointError) as err:
         if os.environ.get("KDNB_DEBUG"):
             raise
         print(f"kdnb {args.command}: error: {err}", file=sys.stderr)

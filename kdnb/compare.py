@@ -14,8 +14,11 @@ from collections import defaultdict
 from pathlib import Path
 
 
-def read_run(run_dir: str | Path, split: str = "val") -> dict:
+def read_run(run_dir: str | Path, split: str = "val", label: str | None = None) -> dict:
     """``{"student", "methods", "seed", "miou", "teacher"}`` of a finished run.
+
+    Runs are grouped by ``methods``: the names of their losses (``"fakd+nfd"``), or
+    ``label`` when given (two settings of one loss, e.g. ``"kd-t1"`` and ``"kd"``).
 
     The mIoU comes from ``final.json`` when the run evaluated ``split`` at its end, else
     from ``<split>.json`` (``kdnb eval --split test --json RUN/test.json``).
@@ -35,7 +38,7 @@ def read_run(run_dir: str | Path, split: str = "val") -> dict:
         raise FileNotFoundError(f"{run_dir} has no {split} result: run `kdnb eval --ckpt "
                                 f"{run_dir / 'model.pt'} --split {split} --json "
                                 f"{run_dir / (split + '.json')}` first")
-    methods = "+".join(sorted(cfg.get("methods") or {})) or "baseline"
+    methods = label or "+".join(sorted(cfg.get("methods") or {})) or "baseline"
     return {"run": str(run_dir), "student": cfg["model"], "methods": methods,
             "seed": cfg.get("seed", 0), "miou": 100 * result["miou"],
             "teacher": cfg.get("teacher")}

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -56,31 +57,65 @@ class TrainConfig:
     threads: int | None = None        # torch CPU threads (None: leave torch's default)
     sync_bn: bool = False             # convert BatchNorm to SyncBatchNorm under DDP (CUDA only)
     freeze_bn: bool = False           # BatchNorm uses its running statistics, never updates them
+    # Reliability.
+    skip_nonfinite: bool = False      # skip steps with a NaN/Inf loss or gradient (one host sync
+                                      # per step) instead of stopping the run at the first one
 
     def __post_init__(self):
-        checks = {
-            "steps": self.steps > 0, "batch_size": self.batch_size > 0, "lr": self.lr > 0,
-            "weight_decay": self.weight_decay >= 0, "poly_power": self.poly_power >= 0,
-            "warmup_steps": 0 <= self.warmup_steps < self.steps,
-            "eval_every": self.eval_every >= 0, "ckpt_every": self.ckpt_every >= 0,
-            "log_every": self.log_every > 0, "keep_checkpoints": self.keep_checkpoints >= 1,
-            "workers": self.workers >= 0, "task_weight": self.task_weight >= 0,
-        }
-        bad = [k for k, ok in checks.items() if not ok]
-        if bad:
-            values = ", ".join(f"{k}={getattr(self, k)!r}" for k in bad)
-            raise ValueError(f"config values out of range: {values} (steps, batch_size, lr "
-                             "and log_every must be positive; warmup_steps below steps; the "
-                             "rest non-negative)")
+        if self.crop_size is not None:
+            self.crop_size = tuple(self.crop_size)
+        if self.scale_range is not None:
+            self.scale_range = tuple(self.scale_range)
+        problems = [f"{k}={getattr(self, k)!r} ({need})" for k, need in self._range_problems()]
+        if problems:
+            raise ValueError(f"config values out of range: {', '.join(problems)}: change them in "
+                             "the config file or on the command line")
         if self.methods and not self.teacher:
             raise ValueError(f"methods {sorted(self.methods)} need a teacher: pass --teacher "
                              "PATH/model.pt (train one with `kdnb train`)")
         if self.optimizer not in ("sgd", "adamw"):
             raise ValueError(f"optimizer={self.optimizer!r}: choose 'sgd' or 'adamw'")
-        if self.crop_size is not None:
-            self.crop_size = tuple(self.crop_size)
-        if self.scale_range is not None:
-            self.scale_range = tuple(self.scale_range)
+        problems = method_problems(self.methods)
+        if problems:
+            raise ValueError(f"distillation methods out of range: {'; '.join(problems)}")
+        if self.methods and self.task_weight == 0 and all(_weight(v) == 0
+                                                          for v in self.methods.values()):
+            raise ValueError("task_weight=0 and no distillation loss with a weight > 0: nothing "
+                             "would train; give the task or a method a weight > 0")
+
+    def _range_problems(self) -> list[tuple[str, str]]:
+        """(field, what it must be) for every field out of range."""
+        def number(x) -> bool:
+            return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+        checks = {
+            "steps": (self.steps > 0, "must be > 0"),
+            "batch_size": (self.batch_size > 0, "must be > 0"),
+            "lr": (number(self.lr) and self.lr > 0, "must be a finite number > 0"),
+            "momentum": (0 <= self.momentum < 1, "must be in [0, 1)"),
+            "weight_decay": (number(self.weight_decay) and self.weight_decay >= 0, "must be >= 0"),
+            "poly_power": (self.poly_power >= 0, "must be >= 0"),
+            "warmup_steps": (0 <= self.warmup_steps < max(self.steps, 1),
+                             f"must be >= 0 and below steps={self.steps}"),
+            "eval_every": (self.eval_every >= 0, "must be >= 0 (0: only at the end)"),
+            "eval_batch_size": (self.eval_batch_size > 0, "must be > 0"),
+            "ckpt_every": (self.ckpt_every >= 0, "must be >= 0 (0: only at the end)"),
+            "log_every": (self.log_every > 0, "must be > 0"),
+            "keep_checkpoints": (self.keep_checkpoints >= 1, "must be >= 1"),
+            "workers": (self.workers >= 0, "must be >= 0"),
+            "threads": (self.threads is None or self.threads >= 1, "must be >= 1, or None"),
+            "task_weight": (number(self.task_weight) and self.task_weight >= 0,
+                            "must be a finite number >= 0"),
+            "crop_size": (self.crop_size is None or (
+                len(self.crop_size) == 2 and all(isinstance(c, int) and c > 0
+                                                 for c in self.crop_size)),
+                          "must be two positive integers (H, W), or None"),
+            "scale_range": (self.scale_range is None or (
+                len(self.scale_range) == 2 and all(number(x) for x in self.scale_range)
+                and 0 < self.scale_range[0] <= self.scale_range[1]),
+                            "must be (min, max) with 0 < min <= max, or None"),
+        }
+        return [(k, need) for k, (ok, need) in checks.items() if not ok]
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -98,6 +133,50 @@ class TrainConfig:
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+
+#: Loss options that divide by themselves (a temperature) and must stay > 0.
+POSITIVE_OPTIONS = ("temperature", "tau")
+#: Loss options that scale a term and must stay >= 0.
+NON_NEGATIVE_OPTIONS = ("lambda_0", "beta", "gamma")
+
+
+def _weight(value):
+    """The weight in a method spec (a number, or a dict's ``"weight"``), None when unset."""
+    if isinstance(value, dict):
+        return value.get("weight")
+    return value
+
+
+def method_problems(methods: dict) -> list[str]:
+    """What is out of range in a methods dict (weights, temperatures), each with its fix.
+
+    Checked when the config is built, before any data is read or model built; the loss
+    modules check their own options again (kdnb.losses.build_losses).
+    """
+    problems = []
+    for name, value in methods.items():
+        if value is not None and not isinstance(value, (dict, int, float)):
+            problems.append(f"{name}={value!r} is neither a weight nor a dict of options: "
+                            f"write {name}=1.0 or {name}={{'weight': 1.0}}")
+            continue
+        weight = _weight(value)
+        if weight is not None and (isinstance(weight, bool) or not isinstance(weight, (int, float))
+                                   or not math.isfinite(weight) or weight < 0):
+            problems.append(f"{name} weight={weight!r} must be a finite number >= 0 (0 logs the "
+                            f"loss without training on it): pass {name}=1 or drop {name}")
+        options = value if isinstance(value, dict) else {}
+        for key in POSITIVE_OPTIONS:
+            x = options.get(key)
+            if x is not None and not (isinstance(x, (int, float)) and x > 0 and math.isfinite(x)):
+                problems.append(f"{name} {key}={x!r} must be > 0 (the logits are divided by it): "
+                                f"use a value such as {name}.{key}=1 or 4")
+        for key in NON_NEGATIVE_OPTIONS:
+            x = options.get(key)
+            if x is not None and not (isinstance(x, (int, float)) and x >= 0 and math.isfinite(x)):
+                problems.append(f"{name} {key}={x!r} must be a finite number >= 0: use "
+                                f"{name}.{key}=0 to switch it off")
+    return problems
 
 
 #: Recipes for SynthScenes on a 2-core CPU: AdamW converges in the few minutes a CPU

@@ -1,7 +1,13 @@
 """The main job on the embedded dataset: what ``make demo`` and ``kdnb demo`` run.
 
-Trains (or reuses a cached) SynthScenes teacher and a student baseline, reports both on
-the test split, and writes a PNG of predictions beside the ground truth.
+Trains (or reuses a cached) SynthScenes teacher, then a budgeted comparison of students
+(baseline, KD, NFD, NFD+FAKD by default, one seed, paired: same initial weights and data
+order), reports every model on the test split with the share of the teacher-student gap
+each method recovers, and writes a PNG of predictions beside the ground truth.
+
+The comparison the demo, notebook 04 and ``benchmarks/synth_distill.py`` run is defined
+once here (:data:`COMPARISON`, :func:`student_config`), with the loss weights chosen on the
+val split (the sweeps are in benchmarks/RESULTS.md).
 """
 from __future__ import annotations
 
@@ -15,7 +21,24 @@ import torch
 from .config import TrainConfig, get_recipe
 from .data import build_dataset, data_root
 from .models import SegModel
-from .train import Trainer, config_hash, evaluate, model_from_checkpoint, seed_everything
+from .train import config_hash, evaluate, make_trainer, model_from_checkpoint, seed_everything
+
+#: method name -> the ``methods`` of its student run. Weights chosen on val, seed 0
+#: (benchmarks/RESULTS.md, "Weight sweep"); FAKD at the paper's lambda_0.
+COMPARISON: dict[str, dict] = {
+    "baseline": {},
+    "kd": {"kd": {"weight": 0.25, "temperature": 2.0}},
+    "mse": {"mse": {"weight": 1.0}},
+    "cwd": {"cwd": {"weight": 3.0}},
+    "nfd": {"nfd": {"weight": 2.0}},
+    "nfd+fakd": {"nfd": {"weight": 2.0}, "fakd": {"lambda_0": 1.0}},
+    "kd+fakd": {"kd": {"weight": 0.25, "temperature": 2.0}, "fakd": {"lambda_0": 1.0}},
+}
+#: What ``make demo`` compares after the teacher (one seed).
+DEMO_METHODS = ("baseline", "kd", "nfd", "nfd+fakd")
+#: Student steps in the demo: the comparison of four students fits in the 15-minute
+#: budget of ``make demo`` (the benchmark trains the full ``synth-student`` recipe).
+DEMO_STUDENT_STEPS = 600
 
 
 def quick_config(cfg: TrainConfig) -> TrainConfig:
@@ -24,21 +47,49 @@ def quick_config(cfg: TrainConfig) -> TrainConfig:
                        data_kwargs={**cfg.data_kwargs, "size": 64, "length": 48})
 
 
+def teacher_config(*, quick: bool = False) -> TrainConfig:
+    """The SynthScenes teacher every comparison distills from (``synth-teacher``)."""
+    cfg = get_recipe("synth-teacher")
+    return quick_config(cfg) if quick else cfg
+
+
+def student_config(methods: dict, *, seed: int = 0, teacher: str | Path | None = None,
+                   quick: bool = False, **changes) -> TrainConfig:
+    """One student of a paired comparison: the ``synth-student`` recipe with ``methods``.
+
+    Every student of a comparison, the baseline included, trains on the same fixed pool
+    (no flip; SynthScenes already varies scale, rotation and colour) from the same initial
+    weights in the same data order for a given seed, so a method's gain is a per-seed
+    difference. The pool being fixed, the teacher's outputs are computed once
+    (``cache_teacher``) and a distillation run costs what the baseline costs.
+    """
+    cfg = get_recipe("synth-student")
+    if quick:
+        cfg = quick_config(cfg)
+    if methods and teacher is None:
+        raise ValueError("a distillation student needs the teacher's checkpoint: pass "
+                         "teacher=cache_path(teacher_config())")
+    return cfg.replace(seed=seed, flip=False, methods=methods,
+                       teacher=str(teacher) if methods else None,
+                       cache_teacher=bool(methods), **changes)
+
+
 def cache_path(cfg: TrainConfig) -> Path:
     return data_root(cfg.root) / "checkpoints" / f"{cfg.model}-{config_hash(cfg)}.pt"
 
 
 def train_or_load(cfg: TrainConfig, run_dir: Path, *, fresh: bool = False,
-                  progress: bool = True) -> tuple[SegModel, bool]:
+                  progress: bool = True, callbacks=None) -> tuple[SegModel, bool]:
     """Returns the model trained by ``cfg``, from the cache when it holds one.
 
-    The cache key hashes every setting that changes the weights, so a changed recipe
-    never reuses a stale checkpoint. Returns ``(model, reused)``.
+    The cache key hashes every setting that changes the weights (the teacher by its file
+    name, which is itself a cache key), so a changed recipe never reuses a stale
+    checkpoint. A distillation config trains with the teacher. Returns ``(model, reused)``.
     """
     cached = cache_path(cfg)
     if cached.is_file() and not fresh:
         return model_from_checkpoint(cached, preset=cfg.model), True
-    trainer = Trainer(cfg, run_dir, progress=progress)
+    trainer = make_trainer(cfg, run_dir, progress=progress, callbacks=callbacks)
     trainer.fit(resume=run_dir.joinpath("config.json").is_file() and not fresh)
     cached.parent.mkdir(parents=True, exist_ok=True)
     tmp = cached.with_name(cached.name + ".tmp")
@@ -47,42 +98,64 @@ def train_or_load(cfg: TrainConfig, run_dir: Path, *, fresh: bool = False,
     return trainer.model.cpu().eval(), False
 
 
+def gap_table(rows: dict[str, dict], teacher: str = "teacher", baseline: str = "baseline") -> str:
+    """Plain-text table: mIoU, gain over the baseline, share of the teacher-student gap."""
+    t, b = rows[teacher]["miou"], rows[baseline]["miou"]
+    lines = [f"  {'model':10s} {'preset':15s} {'mIoU':>7s} {'gain':>7s} {'% of gap':>9s}"]
+    for name, row in rows.items():
+        gain = row["miou"] - b
+        share = f"{100 * gain / (t - b):8.0f}%" if name not in (teacher, baseline) and t > b else ""
+        gain_s = f"{gain:+7.2f}" if name not in (teacher, baseline) else ""
+        lines.append(f"  {name:10s} {row['preset']:15s} {row['miou']:7.2f} {gain_s:>7s} {share:>9s}")
+    lines.append(f"  teacher - baseline: {t - b:+.2f} mIoU points")
+    return "\n".join(lines)
+
+
 def run_demo(out: Path = Path("runs/demo"), *, quick: bool = False, fresh: bool = False,
-             threads: int | None = None) -> dict:
-    """Teacher and student baseline on SynthScenes; prints mIoU and writes a PNG."""
+             threads: int | None = None, methods: tuple[str, ...] = DEMO_METHODS,
+             student_steps: int | None = None) -> dict:
+    """Teacher, then a one-seed comparison of students; prints the table, writes a PNG."""
     start = time.perf_counter()
     if threads:
         torch.set_num_threads(threads)
+    unknown = [m for m in methods if m not in COMPARISON]
+    if unknown or "baseline" not in methods:
+        raise ValueError(f"demo methods {list(methods)}: choose among {list(COMPARISON)}, "
+                         "the baseline included")
     out = Path(out)
     if fresh and out.exists():
         import shutil
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-    configs = {"teacher": get_recipe("synth-teacher"), "student": get_recipe("synth-student")}
-    if quick:
-        configs = {k: quick_config(v) for k, v in configs.items()}
+    steps = student_steps or (None if quick else DEMO_STUDENT_STEPS)
+    teacher_cfg = teacher_config(quick=quick)
+    configs = {"teacher": teacher_cfg}
+    teacher_path = cache_path(teacher_cfg)
+    for name in methods:
+        configs[name] = student_config(COMPARISON[name], seed=0, teacher=teacher_path,
+                                       quick=quick, **({"steps": steps} if steps else {}))
     models, rows = {}, {}
     for role, cfg in configs.items():
         t0 = time.perf_counter()
-        model, reused = train_or_load(cfg, out / role, fresh=fresh)
+        model, reused = train_or_load(cfg, out / role.replace("+", "_"), fresh=fresh)
         models[role] = model
-        rows[role] = {"preset": cfg.model, "reused_cache": reused,
-                      "train_seconds": round(time.perf_counter() - t0, 1),
+        rows[role] = {"preset": cfg.model, "methods": cfg.methods, "steps": cfg.steps,
+                      "reused_cache": reused, "train_seconds": round(time.perf_counter() - t0, 1),
                       "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2)}
-        print(f"{role}: {cfg.model} {'loaded from cache' if reused else 'trained'} "
-              f"in {rows[role]['train_seconds']:.0f} s")
-    cfg = configs["teacher"]
-    test = build_dataset("synth", split="test", **cfg.data_kwargs)
+        print(f"{role}: {cfg.model} ({cfg.steps} steps) "
+              f"{'loaded from cache' if reused else 'trained'} in {rows[role]['train_seconds']:.0f} s",
+              flush=True)
+    test = build_dataset("synth", split="test", **teacher_cfg.data_kwargs)
     for role, model in models.items():
         result = evaluate(model, test, num_classes=test.num_classes, batch_size=32)
         rows[role].update(miou=round(100 * result["miou"], 2),
                           iou=[round(100 * v, 2) for v in result["iou"]])
-    gap = rows["teacher"]["miou"] - rows["student"]["miou"]
-    print(f"\nSynthScenes test split ({len(test)} images, {test.size}x{test.size}):")
-    print(f"  {'model':9s} {'preset':15s} {'params':>8s} {'mIoU':>7s}")
-    for role, row in rows.items():
-        print(f"  {role:9s} {row['preset']:15s} {row['params_m']:7.1f}M {row['miou']:7.2f}")
-    print(f"  teacher - student: {gap:+.2f} mIoU points")
+    gap = rows["teacher"]["miou"] - rows["baseline"]["miou"]
+    print(f"\nSynthScenes test split ({len(test)} images, {test.size}x{test.size}); students: "
+          f"one seed, {configs['baseline'].steps} steps, paired (same init and data order):")
+    print(gap_table(rows))
+    print("  one seed: a difference below about 1 mIoU point is within seed noise; "
+          "benchmarks/synth_distill.py reports 5 paired seeds")
     png = out / "predictions.png"
     write_predictions(models, test, png)
     summary = {"models": rows, "gap": round(gap, 2), "quick": quick,

@@ -6,7 +6,12 @@ every augmentation is seeded per sample, so a run resumed from a checkpoint at s
 continues exactly as if it had never stopped.
 
 A run directory holds ``config.json``, ``metrics.jsonl`` (one JSON record per line),
-checkpoints ``ckpt-<step>.pt`` (written atomically) and ``final.json``.
+checkpoints ``ckpt-<step>.pt``, ``final.json`` and ``model.pt``. Checkpoints and
+``model.pt`` are written atomically, each with a SHA-256 manifest ``<name>.sha256.json``:
+a run killed at any moment (SIGKILL included) resumes from its newest good checkpoint, and
+a truncated or altered one is named and skipped. A NaN or Inf loss stops the run before
+anything from that step is written (``skip_nonfinite`` skips such steps instead); the
+data and the teacher are checked before any long work starts.
 
 Introduced in notebooks/00_setup_and_data.ipynb.
 """
@@ -18,6 +23,7 @@ import math
 import os
 import random
 import time
+import warnings
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -30,7 +36,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from . import __version__
 from .config import TrainConfig
-from .data import build_dataset, dataset_info
+from .data import build_dataset, dataset_info, validate_dataset
 from .metrics import SegMetric
 from .models import SegModel, build_model, get_preset
 
@@ -141,28 +147,149 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
 
 
 # --------------------------------------------------------------------------- checkpoints
-def atomic_save(obj, path: Path) -> None:
-    """Writes to a temporary file in the same folder, fsyncs it, then renames it over
-    ``path``: a reader sees the old file or the new one, never half of one."""
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, truncated, fails its checksum, lacks kdnb's entries or was
+    written by a newer kdnb; the message names the file and what to do."""
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss became NaN or Inf; the message names the step, the loss terms and the fix."""
+
+
+class CheckpointWarning(UserWarning):
+    """A checkpoint was skipped on resume (the message names it and why)."""
+
+
+def manifest_path(path: Path) -> Path:
+    """The manifest beside a checkpoint: ``ckpt-0000300.pt`` -> ``ckpt-0000300.pt.sha256.json``."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    try:  # make the rename itself durable
-        fd = os.open(path.parent, os.O_RDONLY)
+    return path.with_name(path.name + ".sha256.json")
+
+
+class _HashingWriter:
+    """A file-like object that hashes the bytes ``torch.save`` writes on their way to disk."""
+
+    def __init__(self, fh):
+        self.fh, self.sha256, self.nbytes = fh, hashlib.sha256(), 0
+
+    def write(self, data) -> int:
+        self.sha256.update(data)
+        self.nbytes += memoryview(data).nbytes
+        return self.fh.write(data)
+
+    def flush(self) -> None:
+        self.fh.flush()
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:  # make a rename durable (not possible on every platform)
+        fd = os.open(folder, os.O_RDONLY)
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
     except OSError:
         pass
+
+
+def _write_durably(path: Path, write: Callable) -> None:
+    """Writes through ``write(file)`` to a temporary file in the same folder, fsyncs it and
+    renames it over ``path``: a reader sees the old file or the new one, never half."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def atomic_save_json(obj, path: Path) -> None:
+    """Writes JSON durably: a temporary file, fsynced, renamed over ``path``."""
+    _write_durably(Path(path), lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
+
+
+def atomic_save(obj, path: Path) -> str:
+    """Saves ``obj`` with ``torch.save`` so that a kill at any moment leaves no half file.
+
+    The bytes go to a temporary file (fsynced); their SHA-256 goes to a manifest beside
+    the target (``<name>.sha256.json``, written the same way); then the temporary file is
+    renamed over ``path``. A process killed before the rename leaves the old ``path`` (or
+    none) and a stray temporary file, never a half-written checkpoint under its real name;
+    a checkpoint truncated or changed later fails its manifest on load.
+
+    Returns:
+        The SHA-256 hex digest of the file.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as fh:
+            writer = _HashingWriter(fh)
+            torch.save(obj, writer)
+            fh.flush()
+            os.fsync(fh.fileno())
+        digest = writer.sha256.hexdigest()
+        atomic_save_json({"file": path.name, "bytes": writer.nbytes, "sha256": digest,
+                          "kdnb_version": __version__}, manifest_path(path))
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    _fsync_dir(path.parent)
+    return digest
+
+
+def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify_checkpoint(path: Path) -> bool:
+    """Checks a checkpoint against its manifest; False when it has none (written by an
+    older kdnb, or copied without it), True when it matches.
+
+    Raises:
+        CheckpointError: the file is shorter or longer than the manifest says, or its
+            bytes differ (a truncated copy, a disk error, an edit).
+    """
+    manifest = manifest_path(path)
+    if not manifest.is_file():
+        return False
+    try:
+        expected = json.loads(manifest.read_text())
+        nbytes, digest = int(expected["bytes"]), str(expected["sha256"])
+    except (ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"the manifest {manifest} of checkpoint {path} is unreadable "
+                              f"({err}): delete the manifest to load the checkpoint unverified, "
+                              "or use another checkpoint") from err
+    size = path.stat().st_size
+    if size != nbytes:
+        raise CheckpointError(f"checkpoint {path} is {'truncated' if size < nbytes else 'too long'}"
+                              f" ({size} bytes; {manifest.name} says {nbytes}): use an earlier "
+                              "checkpoint of the run (--resume picks the newest good one) or "
+                              "train again")
+    actual = file_sha256(path)
+    if actual != digest:
+        raise CheckpointError(f"checkpoint {path} fails its checksum (sha256 {actual[:16]}..., "
+                              f"{manifest.name} says {digest[:16]}...): it was changed or damaged "
+                              "after kdnb wrote it; use an earlier checkpoint of the run (--resume "
+                              "picks the newest good one) or train again")
+    return True
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    parts = []
+    for part in str(version).split(".")[:3]:
+        digits = "".join(c for c in part if c.isdigit())
+        parts.append(int(digits) if digits else 0)
+    return tuple(parts)
 
 
 def rng_state() -> dict:
@@ -189,32 +316,67 @@ def checkpoint_paths(run_dir: Path) -> list[Path]:
     return sorted(Path(run_dir).glob("ckpt-*.pt"), key=lambda p: p.name, reverse=True)
 
 
+def checkpoint_step(path: Path) -> int:
+    """The step in a checkpoint's name (``ckpt-0000300.pt`` -> 300)."""
+    return int(Path(path).stem.split("-")[-1])
+
+
+#: what every kdnb checkpoint carries (checked on load)
+CHECKPOINT_KEYS = ("model", "preset", "num_classes", "kdnb_version")
+
+
 def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
-    """Loads a kdnb checkpoint safely (``weights_only=True``: no code runs on load)."""
+    """Loads a kdnb checkpoint safely and checks it.
+
+    ``torch.load(weights_only=True)`` runs no code from the file. Before that the file is
+    checked against its manifest (:func:`verify_checkpoint`); after, the entries every
+    kdnb checkpoint carries (weights, preset, class count, kdnb version) must be there and
+    the version must not be newer than this kdnb.
+
+    Raises:
+        FileNotFoundError: no such file.
+        CheckpointError: truncated, changed, unreadable, not kdnb's, or too new; the
+            message names the file and what to do.
+    """
     path = Path(path)
+    if path.is_dir():
+        inside = "model.pt" if (path / "model.pt").is_file() else "a ckpt-*.pt file"
+        raise FileNotFoundError(f"checkpoint {path} is a folder (a run directory?): pass the "
+                                f"path of {inside} inside it")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist: pass the path of a "
                                 "ckpt-*.pt or model.pt file written by kdnb")
+    verify_checkpoint(path)
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:
-        raise RuntimeError(f"checkpoint {path} is unreadable ({type(err).__name__}: {err}); it "
-                           "may be truncated or not a kdnb checkpoint: use an earlier one") from err
-    if not isinstance(ckpt, dict) or "model" not in ckpt or "preset" not in ckpt:
-        raise RuntimeError(f"{path} is not a kdnb checkpoint (no 'model' and 'preset' entries)")
+        first = (str(err).splitlines() or [""])[0].split(". ")[0]  # torch's first sentence
+        raise CheckpointError(f"checkpoint {path} is unreadable ({type(err).__name__}: {first}); "
+                              "it may be truncated or not a kdnb checkpoint: use an earlier one "
+                              "(--resume picks the newest good one) or train again") from err
+    missing = [k for k in CHECKPOINT_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        entries = ", ".join(map(repr, missing))
+        raise CheckpointError(f"{path} is not a kdnb checkpoint (no {entries} entries): pass a "
+                              "model.pt or ckpt-*.pt written by kdnb")
+    if _version_tuple(ckpt["kdnb_version"])[:2] > _version_tuple(__version__)[:2]:
+        raise CheckpointError(f"checkpoint {path} was written by kdnb {ckpt['kdnb_version']}, "
+                              f"newer than this kdnb {__version__}: upgrade kdnb (pip install -U "
+                              "kdnb) or use a checkpoint written by this version")
     return ckpt
 
 
-def model_from_checkpoint(path: str | Path, *, preset: str | None = None,
-                          num_classes: int | None = None, map_location="cpu") -> SegModel:
-    """Rebuilds the model saved in a checkpoint, checking preset and class count."""
-    ckpt = load_checkpoint(path, map_location)
+def model_from_record(ckpt: dict, path: str | Path = "checkpoint", *, preset: str | None = None,
+                      num_classes: int | None = None) -> SegModel:
+    """Rebuilds the model of a loaded checkpoint (:func:`load_checkpoint`), checking preset
+    and class count; ``path`` names the file in errors."""
     if preset is not None and preset != ckpt["preset"]:
         raise ValueError(f"checkpoint {path} holds preset {ckpt['preset']!r}, not {preset!r}: "
                          f"pass --model {ckpt['preset']} or another checkpoint")
     if num_classes is not None and num_classes != ckpt["num_classes"]:
         raise ValueError(f"checkpoint {path} predicts {ckpt['num_classes']} classes but the "
-                         f"dataset has {num_classes}: it was trained on another dataset")
+                         f"dataset has {num_classes}: it was trained on another dataset; pass "
+                         "a checkpoint trained on this one")
     model = build_model(ckpt["preset"], ckpt["num_classes"], **ckpt.get("model_kwargs", {}))
     try:
         model.load_state_dict(ckpt["model"])
@@ -222,6 +384,13 @@ def model_from_checkpoint(path: str | Path, *, preset: str | None = None,
         raise ValueError(f"checkpoint {path} does not fit preset {ckpt['preset']!r} "
                          f"({str(err).splitlines()[0]}): it was written by another model") from err
     return model
+
+
+def model_from_checkpoint(path: str | Path, *, preset: str | None = None,
+                          num_classes: int | None = None, map_location="cpu") -> SegModel:
+    """Rebuilds the model saved in a checkpoint, checking preset and class count."""
+    return model_from_record(load_checkpoint(path, map_location), path, preset=preset,
+                             num_classes=num_classes)
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -263,6 +432,8 @@ def config_hash(cfg: TrainConfig) -> str:
     """
     defaults = TrainConfig().to_dict()
     d = {k: v for k, v in cfg.to_dict().items() if v != defaults[k]}
+    if d.get("teacher"):  # by file name: the same teacher cached under another data root
+        d["teacher"] = Path(d["teacher"]).name
     for k in ("eval_every", "log_every", "ckpt_every", "keep_checkpoints", "workers",
               "threads", "eval_batch_size", "device"):
         d.pop(k, None)
@@ -302,6 +473,10 @@ class Trainer:
                                        flip=cfg.flip, seed=cfg.seed, **cfg.data_kwargs)
         self.eval_set = build_dataset(cfg.data, cfg.root, cfg.eval_split, train=False,
                                       **cfg.data_kwargs)
+        # Damaged files, bad labels or a crop that padding would fill fail here, before
+        # models are built or a step runs, not hours into the run.
+        validate_dataset(self.train_set)
+        validate_dataset(self.eval_set)
         seed_everything(cfg.seed)
         model = build_model(cfg.model, self.num_classes, encoder_weights=cfg.encoder_weights,
                             **cfg.model_kwargs)
@@ -318,6 +493,9 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, poly_lambda(cfg.steps, cfg.poly_power, cfg.warmup_steps))
         self.step = 0
+        self.step_skipped = False  # set by optimizer_step
+        self.last_checkpoint: Path | None = None
+        self._first_bad = None  # (loss names, first bad step, its terms), on the device
 
     # -- hooks for subclasses (the distillation trainer extends these)
     def loader_dataset(self) -> Dataset:
@@ -329,6 +507,11 @@ class Trainer:
     def load_extra_state(self, state: dict) -> None:
         pass
 
+    def state_modules(self) -> list[nn.Module]:
+        """The modules that train: checked for NaN before a checkpoint, and whose buffers a
+        skipped step restores."""
+        return [self.model]
+
     def train_step(self, images: torch.Tensor, masks: torch.Tensor, *extra) -> dict[str, torch.Tensor]:
         """One optimizer step; returns detached loss tensors (no host sync)."""
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cuda and self.cfg.amp):
@@ -336,8 +519,34 @@ class Trainer:
             loss = F.cross_entropy(logits.float(), masks, ignore_index=IGNORE_INDEX)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        self.optimizer.step()
+        self.optimizer_step(loss)
         return {"loss": loss.detach()}
+
+    def optimizer_step(self, loss: torch.Tensor) -> None:
+        """``optimizer.step()``; with ``skip_nonfinite``, no step when the loss or a gradient
+        is NaN or Inf.
+
+        The check costs one host sync per step (and one all-reduce under DDP, so every
+        rank skips together); :meth:`fit` then restores the buffers the forward pass
+        changed, so a skipped step leaves weights, BatchNorm statistics and optimizer state
+        as they were. The learning-rate schedule still advances.
+        """
+        self.step_skipped = False
+        if not self.cfg.skip_nonfinite:
+            self.optimizer.step()
+            return
+        grads = [p.grad for group in self.optimizer.param_groups for p in group["params"]
+                 if p.grad is not None]
+        finite = torch.stack([torch.isfinite(loss.detach()).all(),
+                              *(torch.isfinite(g).all() for g in grads)]).all()
+        if self.world > 1:
+            flag = finite.float()
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+            finite = flag > 0
+        if bool(finite):
+            self.optimizer.step()
+        else:
+            self.step_skipped = True
 
     # -- bookkeeping
     def emit(self, record: dict) -> None:
@@ -354,19 +563,31 @@ class Trainer:
                 "kdnb_version": __version__, "config": self.cfg.to_dict(), "step": self.step}
 
     def state_dict(self) -> dict:
+        metrics = self.run_dir / "metrics.jsonl"
         return {
             **self.model_record(),
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
             "rng": rng_state(), "extra": self.extra_state(),
+            # how much of metrics.jsonl this state has seen: resume cuts the rest (replayed)
+            "metrics_bytes": metrics.stat().st_size if metrics.is_file() else 0,
         }
 
     def save(self) -> Path | None:
+        """Writes ``ckpt-<step>.pt`` (atomically, with its manifest) and prunes old ones.
+
+        Only checkpoints up to the current step count for ``keep_checkpoints``: newer ones
+        left by an earlier attempt (skipped on resume as damaged) are overwritten when the
+        run gets there, and never crowd out the checkpoints it has just written.
+        """
         if self.rank != 0:
             return None
         path = self.run_dir / f"ckpt-{self.step:07d}.pt"
         atomic_save(self.state_dict(), path)
-        for old in checkpoint_paths(self.run_dir)[self.cfg.keep_checkpoints:]:
+        self.last_checkpoint = path
+        ours = [p for p in checkpoint_paths(self.run_dir) if checkpoint_step(p) <= self.step]
+        for old in ours[self.cfg.keep_checkpoints:]:
             old.unlink(missing_ok=True)
+            manifest_path(old).unlink(missing_ok=True)
         return path
 
     def load(self, ckpt: dict) -> None:
@@ -380,45 +601,151 @@ class Trainer:
         self.step = int(ckpt["step"])
         set_rng_state(ckpt["rng"])
         self.load_extra_state(ckpt.get("extra", {}))
+        self._cut_metrics(ckpt.get("metrics_bytes"))
+
+    def _cut_metrics(self, nbytes: int | None) -> None:
+        """Cuts ``metrics.jsonl`` back to what the resumed state had logged: the steps after
+        it are replayed, and a line half-written by a killed process goes with them."""
+        path = self.run_dir / "metrics.jsonl"
+        if self.rank != 0 or not path.is_file():
+            return
+        if nbytes is None:  # a checkpoint from before metrics_bytes: drop a partial line only
+            nbytes = path.read_bytes().rfind(b"\n") + 1
+        if path.stat().st_size > nbytes:
+            os.truncate(path, nbytes)
 
     def resume(self) -> bool:
-        """Loads the newest checkpoint that reads back; returns False if there is none."""
-        errors = []
+        """Loads the newest good checkpoint; returns False if the run has none.
+
+        Checkpoints are tried newest first. One that is truncated, fails its manifest's
+        checksum, or does not load is skipped with a :class:`CheckpointWarning` that names
+        it and says why, and the previous one is tried.
+
+        Raises:
+            CheckpointError: the run has checkpoints but none of them is good.
+        """
+        skipped = []
         for path in checkpoint_paths(self.run_dir):
             try:
                 ckpt = load_checkpoint(path, map_location=self.device)
-            except RuntimeError as err:
-                errors.append(str(err))
+            except CheckpointError as err:
+                warnings.warn(f"skipping {path.name}, trying an older checkpoint: {err}",
+                              CheckpointWarning, stacklevel=2)
+                skipped.append(path.name)
                 continue
             self.load(ckpt)
-            if errors:
-                print(f"kdnb: skipped unreadable checkpoints: {'; '.join(errors)}")
+            self.last_checkpoint = path
             return True
+        if skipped:
+            raise CheckpointError(f"none of the checkpoints in {self.run_dir} is good "
+                                  f"({', '.join(skipped)}; the warnings say why): start again "
+                                  "in a new --run-dir, or delete them to train here from step 0")
         return False
+
+    #: settings a resumed run may change: a step that completes normally is the same either way
+    RESUME_MAY_CHANGE = ("skip_nonfinite",)
 
     def _check_config(self) -> None:
         path = self.run_dir / "config.json"
-        saved = json.loads(path.read_text()) if path.is_file() else None
         current = json.loads(json.dumps(self.cfg.to_dict()))
-        if saved is not None and saved != current:
-            diff = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
-            raise ValueError(f"{self.run_dir} holds a run with another config (differs in "
-                             f"{diff}): resume with the same settings or use a new --run-dir")
-        if self.rank == 0:
-            self.cfg.save(path)
+        saved = None
+        if path.is_file():
+            try:
+                saved = json.loads(path.read_text())
+            except ValueError as err:
+                raise ValueError(f"{path} is not valid JSON ({err}): restore it, or use a new "
+                                 "--run-dir") from err
+            # fields added to kdnb since that run was written take their default
+            saved = {**json.loads(json.dumps(TrainConfig().to_dict())), **saved}
+        if saved is not None:
+            diff = sorted(k for k in set(saved) | set(current)
+                          if saved.get(k) != current.get(k) and k not in self.RESUME_MAY_CHANGE)
+            if diff:
+                raise ValueError(f"{self.run_dir} holds a run with another config (differs in "
+                                 f"{diff}): resume with the same settings or use a new --run-dir")
+        if self.rank == 0 and saved != current:
+            atomic_save_json(current, path)
+
+    # -- non-finite losses
+    def _watch_losses(self, losses: dict[str, torch.Tensor]) -> None:
+        """Remembers on the device the first step whose loss terms are not all finite, and
+        those terms: no host sync (:meth:`check_finite` reads it at the sync points)."""
+        values = torch.stack([v.detach().float().reshape(()) for v in losses.values()])
+        if self._first_bad is None:
+            self._first_bad = (list(losses), torch.full((), -1, device=values.device),
+                               torch.zeros_like(values))
+        keys, step, terms = self._first_bad
+        first = (step < 0) & ~torch.isfinite(values).all()
+        self._first_bad = (keys, torch.where(first, self.step, step),
+                           torch.where(first, values, terms))
+
+    def check_finite(self, *, weights: bool = False) -> None:
+        """Stops the run at the first NaN or Inf loss seen so far (one host sync).
+
+        :meth:`fit` calls it at every log line and before every evaluation; with
+        ``weights`` (every parameter and buffer is checked too) before every checkpoint
+        and before the final export, so nothing written ever holds NaN weights.
+
+        Raises:
+            NonFiniteLossError: naming the step, its loss terms and what to do.
+        """
+        first = (self._first_bad[1] if self._first_bad is not None
+                 else torch.full((), -1, device=self.device)).double()
+        packed = [torch.where(first >= 0, first, math.inf)]
+        if weights:
+            tensors = [t for m in self.state_modules() for t in (*m.parameters(), *m.buffers())
+                       if t.is_floating_point()]
+            packed.append(torch.stack([torch.isfinite(t).all() for t in tensors]).all().double())
+        packed = torch.stack(packed)
+        if self.world > 1:  # every rank stops together
+            dist.all_reduce(packed, op=dist.ReduceOp.MIN)
+        values = packed.tolist()
+        where = (f"the newest checkpoint, {self.last_checkpoint.name}, is clean"
+                 if self.last_checkpoint is not None else "no checkpoint was written yet")
+        fix = ("lower the learning rate or add warm-up steps (in a new --run-dir), check the "
+               "data for a bad image or label, or resume with --resume --skip-nonfinite to skip "
+               "such steps")
+        if math.isfinite(values[0]):
+            step = int(values[0])
+            terms = "on another process"
+            if self._first_bad is not None and int(self._first_bad[1]) == step:
+                keys, _, found = self._first_bad
+                terms = ", ".join(f"{k}={v:.4g}" for k, v in zip(keys, found.tolist()))
+            raise NonFiniteLossError(f"the loss is not finite at step {step} ({terms}); the run "
+                                     f"stopped before writing anything from that step on and "
+                                     f"{where}. What to do: {fix}")
+        if weights and values[1] == 0:
+            raise NonFiniteLossError(f"the weights hold NaN or Inf at step {self.step} although "
+                                     f"every loss was finite (a gradient overflowed); nothing was "
+                                     f"written from this step on and {where}. What to do: {fix}")
 
     def fit(self, *, resume: bool = False) -> dict:
-        """Trains to ``cfg.steps`` and returns the final evaluation record."""
+        """Trains to ``cfg.steps`` and returns the final evaluation record.
+
+        With ``resume``, continues from the newest good checkpoint (:meth:`resume`); the
+        run directory may hold what a killed process left behind (temporary files, a
+        half-written log line), which is cleaned up first.
+
+        Raises:
+            NonFiniteLossError: a loss became NaN or Inf (unless ``skip_nonfinite``).
+        """
         cfg = self.cfg
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.last_checkpoint, self._first_bad = None, None
         if resume:
             self._check_config()
-            self.resume()
+            if self.rank == 0:
+                remove_stale_files(self.run_dir)
+            if not self.resume():
+                self._cut_metrics(0)  # a run killed before its first checkpoint starts over
         else:
             if checkpoint_paths(self.run_dir):
                 raise FileExistsError(f"{self.run_dir} already holds checkpoints: pass --resume "
                                       "to continue that run, or choose a new --run-dir")
             self._check_config()
+            if self.rank == 0:  # what a run killed before its first checkpoint left
+                remove_stale_files(self.run_dir)
+            self._cut_metrics(0)
         if self.step == 0:
             # The training stream (dropout) is a function of the seed alone, whatever ran
             # since the model was built; every rank gets its own.
@@ -437,45 +764,58 @@ class Trainer:
                        dynamic_ncols=True)
         self.train_mode()
         sums: dict[str, torch.Tensor] = {}
-        count, t0 = 0, time.perf_counter()
+        count, skipped, t0 = 0, 0, time.perf_counter()
         for images, masks, *extra in loader:
             images = images.to(self.device, non_blocking=True)
             masks = masks.to(self.device, non_blocking=True)
             if self.cuda and cfg.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
+            buffers = ([b.clone() for m in self.state_modules() for b in m.buffers()]
+                       if cfg.skip_nonfinite else None)
+            self.step_skipped = False
             losses = self.train_step(images, masks, *extra)
             self.scheduler.step()
             self.step += 1
-            for k, v in losses.items():  # summed on the device: no sync per step
-                sums[k] = sums[k] + v if k in sums else v.clone()
             count += 1
+            if self.step_skipped:  # undo what the forward pass did to BatchNorm statistics
+                skipped += 1
+                live = [b for m in self.state_modules() for b in m.buffers()]
+                for buffer, saved in zip(live, buffers):
+                    buffer.copy_(saved)
+            else:
+                self._watch_losses(losses)
+                for k, v in losses.items():  # summed on the device: no sync per step
+                    sums[k] = sums[k] + v if k in sums else v.clone()
             if bar is not None:
                 bar.update(1)
             if self.step % cfg.log_every == 0 or self.step == cfg.steps:
-                if self.world > 1:  # log the mean over ranks: one collective per log line
+                self.check_finite()
+                if self.world > 1 and sums:  # the mean over ranks: one collective per line
                     keys = sorted(sums)
                     packed = torch.stack([sums[k].float() for k in keys])
                     dist.all_reduce(packed)
                     sums = dict(zip(keys, packed / self.world))
                 record = {"kind": "train", "step": self.step,
-                          **{k: (v / count).item() for k, v in sums.items()},
+                          **{k: (v / (count - skipped)).item() for k, v in sums.items()},
                           "lr": self.scheduler.get_last_lr()[0],
                           "s_per_step": (time.perf_counter() - t0) / count}
-                if not all(math.isfinite(v) for k, v in record.items() if k not in ("kind",)):
-                    raise FloatingPointError(f"non-finite loss at step {self.step}: {record}; "
-                                             "lower the learning rate or check the data")
+                if cfg.skip_nonfinite:
+                    record["skipped"] = skipped
                 self.emit(record)
-                if bar is not None:
+                if bar is not None and "loss" in record:
                     bar.set_postfix(loss=f"{record['loss']:.3f}")
-                sums, count, t0 = {}, 0, time.perf_counter()
+                sums, count, skipped, t0 = {}, 0, 0, time.perf_counter()
             last = self.step == cfg.steps
             if cfg.eval_every and self.step % cfg.eval_every == 0 and not last:
+                self.check_finite()
                 self.emit({"kind": "eval", "step": self.step, "split": cfg.eval_split,
                            **self.evaluate()})
             if (cfg.ckpt_every and self.step % cfg.ckpt_every == 0) or last:
+                self.check_finite(weights=True)
                 self.save()
         if bar is not None:
             bar.close()
+        self.check_finite(weights=True)
         final = {"kind": "eval", "step": self.step, "split": cfg.eval_split, **self.evaluate()}
         self.emit(final)
         if self.rank == 0:
@@ -503,10 +843,31 @@ class Trainer:
         atomic_save(self.model_record(), path)
 
 
-def atomic_save_json(obj, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_files(run_dir: Path) -> list[Path]:
+    """Removes what killed processes left in a run directory: their temporary files, and
+    manifests whose checkpoint was never renamed into place. Returns what it removed."""
+    removed = []
+    for tmp in Path(run_dir).glob(".*.tmp*"):
+        pid = tmp.name.rpartition("-")[2]
+        if pid.isdigit() and int(pid) != os.getpid() and _alive(int(pid)):
+            continue  # a live process is writing it
+        tmp.unlink(missing_ok=True)
+        removed.append(tmp)
+    for manifest in Path(run_dir).glob("*.sha256.json"):
+        if not manifest.with_name(manifest.name[:-len(".sha256.json")]).exists():
+            manifest.unlink(missing_ok=True)
+            removed.append(manifest)
+    return removed
 
 
 # --------------------------------------------------------------------------- distillation
@@ -573,6 +934,45 @@ def resolve_methods(methods: dict) -> dict:
     return spec
 
 
+def check_teacher(cfg: TrainConfig, run_dir: str | Path) -> dict:
+    """Loads the teacher's checkpoint and checks that it can teach this run's student.
+
+    Cheap (no data read, no model built), so a pair that cannot be distilled fails before
+    any long work: unknown methods, a teacher inside the run directory (whose files the run
+    writes), a damaged checkpoint, another class count or dataset, an unknown preset.
+
+    Returns:
+        The loaded checkpoint (:func:`load_checkpoint`).
+    """
+    from .losses import METHODS
+
+    unknown = [name for name in cfg.methods if name not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown distillation method {unknown[0]!r}: choose from "
+                         f"{', '.join(METHODS)}")
+    teacher, run = Path(cfg.teacher), Path(run_dir)
+    if (teacher.resolve().parent == run.resolve()
+            and (teacher.name == "model.pt" or teacher.name.startswith("ckpt-"))):
+        raise ValueError(f"the teacher {teacher} lies in the run directory {run}, where this run "
+                         "writes its own model.pt and checkpoints: choose another --run-dir")
+    try:
+        ckpt = load_checkpoint(teacher)
+    except CheckpointError as err:
+        raise CheckpointError(f"the teacher cannot be used: {err}") from err
+    classes = dataset_info(cfg.data)["num_classes"]
+    if ckpt["num_classes"] != classes:
+        raise ValueError(f"checkpoint {teacher} predicts {ckpt['num_classes']} classes but the "
+                         f"dataset has {classes}: it was trained on another dataset; pass a "
+                         f"teacher trained on {cfg.data} (kdnb train --data {cfg.data})")
+    trained_on = (ckpt.get("config") or {}).get("data")
+    if trained_on and trained_on != cfg.data:
+        raise ValueError(f"the teacher {teacher} was trained on {trained_on} but the student "
+                         f"trains on {cfg.data}: pass a teacher trained on {cfg.data} "
+                         f"(kdnb train --data {cfg.data})")
+    get_preset(ckpt["preset"])
+    return ckpt
+
+
 class DistillTrainer(Trainer):
     """A student trained with a frozen teacher and any set of losses from kdnb.losses.
 
@@ -589,13 +989,15 @@ class DistillTrainer(Trainer):
 
         if not cfg.teacher:
             raise ValueError("distillation needs a teacher checkpoint: pass --teacher PATH")
+        # The pair and the methods are checked before any data is read or model built.
+        teacher_ckpt = check_teacher(cfg, run_dir)
+        spec = resolve_methods(cfg.methods)
         super().__init__(cfg, run_dir, **kw)
-        teacher = model_from_checkpoint(cfg.teacher, num_classes=self.num_classes)
+        teacher = model_from_record(teacher_ckpt, cfg.teacher, num_classes=self.num_classes)
         teacher = teacher.to(self.device).eval().requires_grad_(False)
         if self.cuda and cfg.channels_last:
             teacher = teacher.to(memory_format=torch.channels_last)
         self.teacher = teacher
-        spec = resolve_methods(cfg.methods)
         if "fakd" in spec:
             clf = self.model.classifier
             if not isinstance(clf, nn.Conv2d) or clf.kernel_size != (1, 1):
@@ -659,6 +1061,9 @@ class DistillTrainer(Trainer):
     def extra_state(self) -> dict:
         return {"losses": self.losses.state_dict()}
 
+    def state_modules(self) -> list[nn.Module]:
+        return [self.model, self.losses]
+
     def load_extra_state(self, state: dict) -> None:
         if "losses" in state:
             self.losses.load_state_dict(state["losses"])
@@ -693,7 +1098,7 @@ class DistillTrainer(Trainer):
         loss.backward()
         if self.world > 1:
             self._average_loss_gradients()
-        self.optimizer.step()
+        self.optimizer_step(loss)
         return {"loss": loss.detach(), "task": task.detach(),
                 **{name: value.detach() for name, value in terms.items()}}
 

@@ -59,13 +59,24 @@ def test_demo_quick_end_to_end(capsys, tmp_path, monkeypatch):
     out = capsys.readouterr().out
     assert "teacher" in out and "student" in out and "mIoU" in out
     summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
-    assert set(summary["models"]) == {"teacher", "student"}
+    assert set(summary["models"]) == {"teacher", "baseline", "kd", "nfd", "nfd+fakd"}
+    assert "% of gap" in out
     assert (tmp_path / "demo" / "predictions.png").stat().st_size > 1000
     cached = list((tmp_path / "data" / "checkpoints").glob("*.pt"))
-    assert len(cached) == 2
+    assert len(cached) == 5
+    # The students are paired: the same initial weights, so the distilled ones differ
+    # from the baseline only through their losses.
+    assert summary["models"]["kd"]["methods"] == {"kd": {"weight": 0.25, "temperature": 2.0}}
     # A second run reuses the cached models instead of training again.
-    assert main(["demo", "--quick", "--out", str(tmp_path / "demo2")]) == 0
-    assert capsys.readouterr().out.count("loaded from cache") == 2
+    assert main(["demo", "--quick", "--out", str(tmp_path / "demo2"),
+                 "--methods", "baseline,kd"]) == 0
+    assert capsys.readouterr().out.count("loaded from cache") == 3
+
+
+def test_demo_refuses_an_unknown_method(capsys, tmp_path):
+    assert main(["demo", "--quick", "--out", str(tmp_path / "demo"),
+                 "--methods", "baseline,nope"]) == 2
+    assert "choose among" in capsys.readouterr().err
 
 
 def test_every_full_scale_config_loads_and_flags_override(tmp_path):

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from kdnb.data import (DatasetNotFoundError, ade20k, build_dataset, camvid, cityscapes,
-                       dataset_info, dataset_module, voc)
+                       dataset_info, dataset_module, validate_dataset, voc)
 
 H, W = 12, 16  # native size of every test image
 
@@ -363,6 +363,20 @@ def test_truncated_jpeg_names_the_file(name, tmp_path):
     with pytest.raises(OSError, match="cannot read image") as err:
         dataset[index]
     assert str(image) in str(err.value)
+
+
+@pytest.mark.parametrize("name", list(MAKERS))
+def test_validate_passes_a_whole_tree_and_names_a_truncated_file(name, tmp_path):
+    base = MAKERS[name](tmp_path)
+    validate_dataset(build_dataset(name, root=tmp_path, split="train", train=True,
+                                   crop_size=(16, 16)))
+    image = first_image(name, base)
+    write_image(image, size=(64, 64))
+    data = image.read_bytes()
+    image.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=rf"{image.name} is truncated") as err:
+        validate_dataset(build_dataset(name, root=tmp_path, split="train"))
+    assert str(image) in str(err.value) and "Download or extract" in str(err.value)
 
 
 @pytest.mark.parametrize("name", ["cityscapes", "camvid"])

@@ -1,12 +1,13 @@
 """The supervised loop: exact resume, atomic checkpoints, run directory, clear errors."""
 import json
+import math
 
 import pytest
 import torch
 
 from kdnb.config import TrainConfig
-from kdnb.train import (StepSampler, Trainer, atomic_save, checkpoint_paths, load_checkpoint,
-                        model_from_checkpoint)
+from kdnb.train import (CheckpointWarning, NonFiniteLossError, StepSampler, Trainer, atomic_save,
+                        checkpoint_paths, load_checkpoint, model_from_checkpoint)
 
 
 def tiny(**changes) -> TrainConfig:
@@ -110,7 +111,8 @@ def test_truncated_checkpoint_is_skipped_on_resume(tmp_path):
     with pytest.raises(RuntimeError, match="unreadable"):
         load_checkpoint(bad)
     trainer = Trainer(cfg, tmp_path, progress=False)
-    assert trainer.resume() and trainer.step == 3
+    with pytest.warns(CheckpointWarning, match="skipping ckpt-0000005.pt.*unreadable"):
+        assert trainer.resume() and trainer.step == 3
 
 
 @pytest.mark.parametrize("changes, words", [
@@ -127,3 +129,90 @@ def test_bad_config_values_are_named(changes, words):
 def test_unknown_config_key_is_named():
     with pytest.raises(ValueError, match=r"unknown config keys \['learning_rate'\]"):
         TrainConfig.from_dict({"learning_rate": 0.1})
+
+
+class Poisoned(Trainer):
+    """Feeds NaN images at the given (1-based) steps: the loss of those steps is NaN."""
+
+    poison_steps = (5,)
+
+    def train_step(self, images, masks, *extra):
+        if self.step + 1 in self.poison_steps:
+            images = images * float("nan")
+        return super().train_step(images, masks, *extra)
+
+
+def strict_records(run_dir):
+    """metrics.jsonl as strict JSON: NaN or Infinity in a line fails."""
+    def refuse(name):
+        raise ValueError(f"non-finite value {name} in metrics.jsonl")
+    return [json.loads(line, parse_constant=refuse)
+            for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_nonfinite_loss_stops_before_anything_corrupt_is_written(tmp_path):
+    # The loss turns NaN at step 5; the next sync point is the step-6 checkpoint.
+    cfg = tiny(steps=8, ckpt_every=3, log_every=4)
+    with pytest.raises(NonFiniteLossError) as err:
+        Poisoned(cfg, tmp_path, progress=False).fit()
+    message = str(err.value)
+    assert "not finite at step 5 (loss=nan)" in message
+    assert "ckpt-0000003.pt, is clean" in message
+    for fix in ("lower the learning rate", "check the data", "--skip-nonfinite"):
+        assert fix in message
+    assert [p.name for p in checkpoint_paths(tmp_path)] == ["ckpt-0000003.pt"]
+    assert not (tmp_path / "model.pt").exists() and not (tmp_path / "final.json").exists()
+    state = load_checkpoint(tmp_path / "ckpt-0000003.pt")["model"]
+    assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+    assert [r["step"] for r in strict_records(tmp_path)] == [4]
+    # The fix the message suggests: resume with --skip-nonfinite (allowed to change).
+    resumed = Poisoned(cfg.replace(skip_nonfinite=True), tmp_path, progress=False)
+    resumed.fit(resume=True)
+    records = strict_records(tmp_path)
+    assert [(r["step"], r["skipped"]) for r in records if r["kind"] == "train"] == [
+        (4, 0), (8, 1)]
+    assert json.loads((tmp_path / "config.json").read_text())["skip_nonfinite"] is True
+
+
+def test_skipped_steps_change_neither_weights_nor_optimizer_state(tmp_path):
+    cfg = tiny(steps=5, ckpt_every=0, skip_nonfinite=True)
+    trainer = Poisoned(cfg, tmp_path, progress=False)
+    trainer.poison_steps = (3, 4)
+    states = {}
+
+    def snapshot(record):
+        if record["kind"] == "train":
+            states[record["step"]] = (
+                {k: v.clone() for k, v in trainer.model.state_dict().items()},
+                {k: v["momentum_buffer"].clone() for k, v in trainer.optimizer.state.items()})
+    trainer.callbacks.append(snapshot)
+    trainer.fit()
+    for step in (3, 4):  # BatchNorm statistics included: the NaN forward pass is undone
+        for key, value in states[2][0].items():
+            assert torch.equal(value, states[step][0][key]), (step, key)
+        for key, value in states[2][1].items():
+            assert torch.equal(value, states[step][1][key]), (step, key)
+    assert not torch.equal(states[5][0]["net.segmentation_head.0.weight"],
+                           states[2][0]["net.segmentation_head.0.weight"])
+    records = [r for r in strict_records(tmp_path) if r["kind"] == "train"]
+    assert [r["skipped"] for r in records] == [0, 0, 1, 1, 0]
+    assert "loss" not in records[2] and math.isfinite(records[4]["loss"])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_nonfinite_watch_costs_no_host_sync_per_step(tmp_path):
+    trainer = Trainer(tiny(device="cuda"), tmp_path, progress=False)
+    nan = {"loss": torch.tensor(float("nan"), device="cuda"),
+           "task": torch.tensor(1.0, device="cuda")}
+    fine = {k: torch.ones((), device="cuda") for k in nan}
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:  # what fit does every step: any host sync here raises
+        for step, losses in ((1, fine), (2, nan), (3, nan), (4, fine)):
+            trainer.step = step
+            trainer._watch_losses(losses)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    with pytest.raises(NonFiniteLossError, match=r"step 2 \(loss=nan, task=1\)"):
+        trainer.check_finite()

@@ -102,8 +102,58 @@ def build_dataset(name: str, root: str | Path | None = None, split: str = "train
     return Augmented(dataset, transform, seed=seed)
 
 
+def validate_dataset(dataset, *, samples: int = 3) -> None:
+    """Checks a dataset before long work starts; an error names the file and the fix.
+
+    Every file of an on-disk dataset is checked cheaply (headers and end markers, see
+    :meth:`SegmentationFolder.scan`); ``samples`` samples spread over the dataset are read
+    in full, which checks pixel data, label values against the classes and image/label
+    sizes. For a training set (:class:`Augmented` with a crop) the crop is checked against
+    the size of those samples: a crop that padding would mostly fill is refused.
+
+    Raises:
+        ValueError or OSError: what is wrong, naming the file, and what to do.
+    """
+    n = len(dataset)
+    if n == 0:
+        raise ValueError("the dataset has no samples: check the split list and the data root "
+                         "(`kdnb datasets` shows where kdnb looks)")
+    base = getattr(dataset, "dataset", dataset)  # Augmented wraps the dataset it transforms
+    if isinstance(base, SegmentationFolder):
+        base.scan()
+    picks = sorted({round(k * (n - 1) / max(samples - 1, 1)) for k in range(min(samples, n))})
+    sizes = [tuple(base[i][0].shape[-2:]) for i in picks]
+    transform = getattr(dataset, "transform", None)
+    if isinstance(transform, TrainTransform) and transform.crop_size is not None:
+        check_crop(transform.crop_size, transform.scale_range, sizes)
+
+
+#: Below this share of image pixels in a crop (at the largest scale) the crop is refused.
+MIN_CROP_COVER = 0.25
+
+
+def check_crop(crop_size, scale_range, sizes) -> None:
+    """Refuses a training crop that padding (ignored pixels) would mostly fill.
+
+    The crop is compared with the largest of ``sizes`` (``(H, W)`` of sampled images)
+    scaled by the largest factor of ``scale_range``: under :data:`MIN_CROP_COVER` of the
+    crop would be image there, so every crop would be mostly padding.
+    """
+    ch, cw = crop_size
+    top = scale_range[1]
+    h, w = max(sizes, key=lambda hw: hw[0] * hw[1])
+    cover = min(1.0, top * h / ch) * min(1.0, top * w / cw)
+    if cover < MIN_CROP_COVER:
+        fit_h, fit_w = max(1, int(top * h)), max(1, int(top * w))
+        raise ValueError(f"crop {ch}x{cw} is too large for images of {h}x{w} (the largest "
+                         f"sampled) even at the largest scale {top:g}: padding would fill "
+                         f"{100 * (1 - cover):.0f}% of every crop. Lower the crop to at most "
+                         f"{fit_h} {fit_w} (--crop H W / crop_size), or raise the scale range")
+
+
 __all__ = [
     "Augmented", "DatasetNotFoundError", "EvalTransform", "IGNORE_INDEX", "SegmentationFolder",
-    "SynthScenes", "TrainTransform", "available_datasets", "build_dataset", "data_root",
-    "dataset_info", "dataset_module", "read_image", "read_label",
+    "SynthScenes", "TrainTransform", "available_datasets", "build_dataset", "check_crop",
+    "data_root", "dataset_info", "dataset_module", "read_image", "read_label",
+    "validate_dataset",
 ]

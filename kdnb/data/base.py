@@ -3,7 +3,7 @@
 A real dataset is a list of ``(image_path, mask_path)`` pairs plus a lookup table that maps
 raw label values to training ids (255 = ignore). :class:`SegmentationFolder` reads a pair
 with Pillow and returns ``(image (3, H, W) float in [0, 1], mask (H, W) int64)`` at native
-size.
+size; :meth:`SegmentationFolder.scan` checks every file cheaply before training starts.
 """
 from __future__ import annotations
 
@@ -79,6 +79,42 @@ def read_label(path: Path) -> np.ndarray:
                       "palette PNGs of the dataset's official release.") from err
 
 
+#: How many bytes at the end of a file :func:`inspect_file` reads to find its end marker.
+TAIL_BYTES = 4096
+_PNG_END = b"IEND\xaeB`\x82"  # the IEND chunk every PNG ends with
+_JPEG_END = b"\xff\xd9"       # the end-of-image marker (some cameras append a few bytes)
+
+
+def inspect_file(path: Path) -> tuple[tuple[int, int] | None, str | None]:
+    """An image or label file's ``(height, width)`` and what is wrong with it, cheaply.
+
+    Reads the header and the last :data:`TAIL_BYTES` bytes, never the pixels: a missing,
+    empty or unidentifiable file, or a PNG or JPEG cut off before its end marker (a
+    download or copy that stopped halfway), is reported. Returns ``(size, None)`` for a
+    file that looks whole, ``(size or None, problem)`` otherwise.
+    """
+    try:
+        nbytes = path.stat().st_size
+    except OSError:
+        return None, "does not exist"
+    if nbytes == 0:
+        return None, "is empty (0 bytes)"
+    try:
+        with Image.open(path) as im:
+            fmt, (width, height) = im.format, im.size
+        with open(path, "rb") as fh:
+            fh.seek(max(0, nbytes - TAIL_BYTES))
+            tail = fh.read()
+    except (OSError, ValueError) as err:
+        return None, f"is not an image Pillow can read ({err})"
+    size = (height, width)
+    if fmt == "PNG" and not tail.endswith(_PNG_END):
+        return size, f"is truncated ({nbytes} bytes, no PNG end chunk)"
+    if fmt == "JPEG" and _JPEG_END not in tail:
+        return size, f"is truncated ({nbytes} bytes, no JPEG end marker)"
+    return size, None
+
+
 def lookup_table(mapping: dict[int, int], size: int = 256, default: int = IGNORE_INDEX) -> np.ndarray:
     """A dense raw-value -> train-id table (values not in ``mapping`` go to ``default``)."""
     table = np.full(size, default, dtype=np.int64)
@@ -118,15 +154,45 @@ class SegmentationFolder(Dataset):
         if self.table is not None:
             if raw.max(initial=0) >= len(self.table) or raw.min(initial=0) < 0:
                 raise ValueError(f"{mask_path}: label values up to {raw.max()} exceed the "
-                                 f"dataset's table of {len(self.table)} entries")
+                                 f"dataset's table of {len(self.table)} entries: use the "
+                                 "dataset's official 8-bit label PNGs (data/README.md)")
             raw = self.table[raw]
         if self.check_labels:
             bad = (raw >= self.num_classes) & (raw != IGNORE_INDEX)
             if bad.any():
                 raise ValueError(f"{mask_path}: mask values {sorted(set(raw[bad].tolist()))[:8]} "
                                  f"are outside the {self.num_classes} classes (and not 255 = "
-                                 "ignore): is this the dataset's official label format?")
+                                 "ignore): use the dataset's official label files (data/README.md "
+                                 "names them), or fix or remove this one")
         if raw.shape != tuple(image.shape[-2:]):
             raise ValueError(f"{image_path} is {tuple(image.shape[-2:])} but its label "
-                             f"{mask_path} is {raw.shape}: the pair does not match")
+                             f"{mask_path} is {raw.shape}: the pair does not match; extract "
+                             "both files again from the official release, or remove the pair")
         return image, torch.from_numpy(raw)
+
+    def scan(self, *, limit: int = 5) -> None:
+        """Checks every pair without decoding pixels (:func:`inspect_file`).
+
+        Files that are missing, empty, unreadable or truncated, and images whose label has
+        another size, are named (the first ``limit`` of them, with the total count).
+
+        Raises:
+            ValueError: at least one pair is damaged; the message says how to fix it.
+        """
+        problems = []
+        for image_path, mask_path in self.pairs:
+            image_size, image_problem = inspect_file(image_path)
+            mask_size, mask_problem = inspect_file(mask_path)
+            if image_problem:
+                problems.append(f"image {image_path} {image_problem}")
+            if mask_problem:
+                problems.append(f"label {mask_path} {mask_problem}")
+            if image_size and mask_size and image_size != mask_size:
+                problems.append(f"image {image_path} is {image_size} but its label {mask_path} "
+                                f"is {mask_size}")
+        if problems:
+            shown = "; ".join(problems[:limit])
+            more = f" (and {len(problems) - limit} more)" if len(problems) > limit else ""
+            raise ValueError(f"{len(problems)} problem(s) in the {len(self.pairs)} image/label "
+                             f"pairs of this split: {shown}{more}. Download or extract those "
+                             "files again from the official release, or remove their entries")
