@@ -47,3 +47,64 @@ def test_synth_distill_quick_runs_every_method_and_resumes(tmp_path):
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0
     assert {p: p.stat().st_mtime for p in stamps} == stamps  # nothing was trained again
+
+
+GPU_THROUGHPUT = ROOT / "benchmarks" / "gpu_throughput.py"
+NUMBER = r"\d+\.\d+"
+
+
+def test_gpu_throughput_quick_prints_every_row():
+    """CPU quick mode: every variant with images/s, MFU and peak memory; both loss tables."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, str(GPU_THROUGHPUT), "--quick", "--no-write"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    out = proc.stdout
+    header = next(line for line in out.splitlines() if line.startswith("variant "))
+    for column in ("images/s", "ms/step", "TFLOP/s", "MFU %", "peak GiB", "syncs/step",
+                   "vs reference"):
+        assert column in header, header
+    assert re.search(rf"^model FLOPs per step .*: {NUMBER} GFLOP", out, re.MULTILINE), out
+    # variant, images/s, ms/step, TFLOP/s, MFU % (n/a without a known peak), peak GiB,
+    # host syncs (counted on CUDA only), speed-up over the reference
+    for variant in ("reference-fp32", "kdnb-fp32", "kdnb-bf16", "kdnb", "kdnb-loader"):
+        assert re.search(rf"^{re.escape(variant)}\s+{NUMBER}\s+{NUMBER}\s+{NUMBER}\s+"
+                         rf"(n/a|{NUMBER})\s+{NUMBER}\s+(n/a|\d+)\s+{NUMBER}x\s*$",
+                         out, re.MULTILINE), f"no full row for {variant!r} in:\n{out}"
+    assert re.search(rf"^loader-only\s+{NUMBER}\s+{NUMBER}\s", out, re.MULTILINE), out
+    assert "kdnb over reference-fp32:" in out and "kdnb peak memory:" in out
+    # one loss table per K, each with every method against the base step and FAKD
+    # against the loss it replaces
+    sections = dict(re.findall(r"^loss overhead at K = (\d+):(.*?)(?=^loss overhead|\Z)",
+                               out, re.MULTILINE | re.DOTALL))
+    assert set(sections) == {"19", "150"}, out
+    rows = ["base", *(m for m in METHODS if m != "fakd"), *FAKD_ROWS]
+    for k, text in sections.items():
+        for row in rows:
+            assert re.search(rf"^{re.escape(row)}\s+{NUMBER}\s+(base|kd|nfd)\s+-?{NUMBER}\s+"
+                             rf"-?{NUMBER}\s+(n/a|\d+)\s*$", text, re.MULTILINE), \
+                f"no row for {row!r} at K = {k} in:\n{text}"
+        assert f"FAKD over the KD it replaces at K = {k}:" in text
+    assert "appended to" not in out  # --no-write wrote nothing
+
+
+def test_gpu_throughput_peak_table_and_criteria(monkeypatch):
+    """The bf16 peaks by device name, and the verdicts computed from them."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_throughput", GPU_THROUGHPUT)
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "gpu_throughput", bench)
+    spec.loader.exec_module(bench)
+    expected = {"NVIDIA H100 80GB HBM3": 989, "NVIDIA H100 PCIe": 756, "NVIDIA H200": 989,
+                "NVIDIA A100-SXM4-80GB": 312, "NVIDIA A100 80GB PCIe": 312, "NVIDIA L4": 121,
+                "NVIDIA L40S": None, "NVIDIA H100 NVL": None,
+                "NVIDIA H100 80GB HBM3 MIG 1g.10gb": None}
+    for name, peak in expected.items():
+        found = bench.peak_bf16_tflops(name)
+        assert (found[1] if found else None) == peak, name
+    rows = [bench.Row("reference-fp32", 1.0, 40.0), bench.Row("kdnb", 0.4, 20.0)]
+    lines = bench.criteria_lines(rows, flops=int(100e12), peak=989.0, judged=True)
+    assert "2.50x images/s (criterion >= 2x): met" in lines[0]
+    assert "25.3 % of 989 TFLOP/s bf16 (criterion >= 30 %): NOT met" in lines[1]
+    assert "20.00 GiB" in lines[2]
