@@ -89,6 +89,9 @@ def with_weight(methods: dict, weight: float) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--start-seed", type=int, default=0,
+                        help="train and tabulate seeds START..SEEDS-1 only (two processes "
+                             "can share a comparison without training the same run)")
     parser.add_argument("--variant", action="append", default=[], metavar="NAME=JSON",
                         help="another setting to compare, e.g. 'kd-t1={\"kd\": {\"weight\": 1, "
                              "\"temperature\": 1}}'; then list NAME in --methods")
@@ -148,9 +151,9 @@ def main() -> None:
         report = "\n".join(lines)
         title = f"Weight sweep for {name} on val (seed 0)"
     else:
-        runs = [one(name, methods[name], seed)
-                for seed in range(args.seeds) for name in args.methods]
-        labels = [name for seed in range(args.seeds) for name in args.methods]
+        seeds = range(args.start_seed, args.seeds)
+        runs = [one(name, methods[name], seed) for seed in seeds for name in args.methods]
+        labels = [name for seed in seeds for name in args.methods]
         val = format_table(compare([read_run(r, "val", n) for r, n in zip(runs, labels)],
                                    teacher_val), teacher_val)
         test = format_table(compare([read_run(r, "test", n) for r, n in zip(runs, labels)],
