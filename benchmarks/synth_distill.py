@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -56,6 +57,26 @@ def run_one(name: str, methods: dict, seed: int, teacher: str, root: Path, quick
     result = evaluate(trainer.model, test_set, num_classes=test_set.num_classes, batch_size=32)
     (run_dir / "test.json").write_text(json.dumps({"split": "test", **result}, indent=2))
     return run_dir
+
+
+#: (method, reference): the comparisons the papers make, beside the gains over the baseline.
+PAIRS = [("nfd", "mse"), ("nfd+fakd", "nfd"), ("kd+fakd", "kd")]
+
+
+def paired_table(rows: list[dict], pairs: list[tuple[str, str]]) -> str:
+    """Paired differences between two methods (same seeds): mean, std, seeds, mean/std."""
+    miou = {(r["methods"], r["seed"]): r["miou"] for r in rows}
+    seeds = sorted({r["seed"] for r in rows})
+    lines = ["| method | against | seeds | difference (paired) | std | difference / std |",
+             "|---|---|---:|---:|---:|---:|"]
+    for a, b in pairs:
+        diffs = [miou[a, s] - miou[b, s] for s in seeds if (a, s) in miou and (b, s) in miou]
+        if len(diffs) < 2:
+            continue
+        mean, std = statistics.fmean(diffs), statistics.stdev(diffs)
+        lines.append(f"| {a} | {b} | {len(diffs)} | {mean:+.2f} | {std:.2f} | "
+                     f"{mean / std if std > 0 else float('nan'):+.1f} |")
+    return "\n".join(lines) if len(lines) > 2 else ""
 
 
 def parse_sweep(text: str, methods: dict) -> tuple[str, list[float]]:
@@ -154,11 +175,14 @@ def main() -> None:
         seeds = range(args.start_seed, args.seeds)
         runs = [one(name, methods[name], seed) for seed in seeds for name in args.methods]
         labels = [name for seed in seeds for name in args.methods]
-        val = format_table(compare([read_run(r, "val", n) for r, n in zip(runs, labels)],
-                                   teacher_val), teacher_val)
-        test = format_table(compare([read_run(r, "test", n) for r, n in zip(runs, labels)],
-                                    teacher_test), teacher_test)
-        report = f"val (model selection):\n\n{val}\n\ntest (reported):\n\n{test}"
+        parts = []
+        for split, teacher_miou in (("val", teacher_val), ("test", teacher_test)):
+            rows = [read_run(r, split, n) for r, n in zip(runs, labels)]
+            table = format_table(compare(rows, teacher_miou), teacher_miou)
+            pairs = paired_table(rows, PAIRS)
+            heading = "val (model selection)" if split == "val" else "test (reported)"
+            parts.append(f"{heading}:\n\n{table}" + (f"\n\n{pairs}" if pairs else ""))
+        report = "\n\n".join(parts)
         title = f"SynthScenes distillation, {args.seeds} paired seeds"
     if changes:
         title += f", student changes {changes}"

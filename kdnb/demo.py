@@ -24,7 +24,7 @@ from .models import SegModel
 from .train import config_hash, evaluate, make_trainer, model_from_checkpoint, seed_everything
 
 #: method name -> the ``methods`` of its student run. Weights chosen on val, seed 0
-#: (benchmarks/RESULTS.md, "Weight sweep"); FAKD at the paper's lambda_0.
+#: (benchmarks/RESULTS.md, "Weight sweep"); FAKD at lambda_0 = 1, not swept (ISDA uses 7.5).
 COMPARISON: dict[str, dict] = {
     "baseline": {},
     "kd": {"kd": {"weight": 0.25, "temperature": 2.0}},
