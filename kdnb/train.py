@@ -973,6 +973,10 @@ def check_teacher(cfg: TrainConfig, run_dir: str | Path) -> dict:
     return ckpt
 
 
+#: The teacher outputs of the last cached pool in this process (see DistillTrainer).
+_TEACHER_OUTPUTS: dict = {}
+
+
 class DistillTrainer(Trainer):
     """A student trained with a frozen teacher and any set of losses from kdnb.losses.
 
@@ -1031,15 +1035,28 @@ class DistillTrainer(Trainer):
         from .features import forward_with_head
 
         base = getattr(self.train_set, "dataset", self.train_set)
+        cfg = self.cfg
+        teacher_file = Path(cfg.teacher).resolve()
+        stat = teacher_file.stat()
+        # The students of one comparison (make demo, a notebook) share the teacher and the
+        # pool: the outputs are computed once per process and kept for the next student.
+        key = (str(teacher_file), stat.st_size, stat.st_mtime_ns, cfg.data, str(cfg.root),
+               json.dumps(cfg.data_kwargs, sort_keys=True), len(base), str(self.device),
+               self.cuda and cfg.amp)
+        if _TEACHER_OUTPUTS.get("key") == key:
+            return _TEACHER_OUTPUTS["outputs"]
+        _TEACHER_OUTPUTS.clear()  # one entry: a pool's outputs can be large
         feats, logits = [], []
         amp = dict(device_type=self.device.type, dtype=torch.bfloat16,
-                   enabled=self.cuda and self.cfg.amp)
+                   enabled=self.cuda and cfg.amp)
         for start in range(0, len(base), 64):
             images = torch.stack([base[i][0] for i in range(start, min(start + 64, len(base)))])
             with torch.autocast(**amp):
                 _, f, z = forward_with_head(self.teacher, images.to(self.device))
             feats.append(f.float().cpu()), logits.append(z.float().cpu())
-        return {"feats": torch.cat(feats), "logits": torch.cat(logits)}
+        outputs = {"feats": torch.cat(feats), "logits": torch.cat(logits)}
+        _TEACHER_OUTPUTS.update(key=key, outputs=outputs)
+        return outputs
 
     def loader_dataset(self) -> Dataset:
         # With the cache, samples carry their index so the step can look the teacher up.

@@ -199,6 +199,26 @@ def test_cached_teacher_outputs_equal_the_live_ones(tmp_path, teacher_ckpt):
         assert first["cached"][key] == pytest.approx(first["live"][key], rel=1e-5), key
 
 
+def test_students_of_one_comparison_share_the_teacher_outputs(tmp_path, teacher_ckpt, monkeypatch):
+    """A second student with the same teacher file and pool reuses the outputs (make demo
+    trains three in a row); another pool or a rewritten teacher computes them again."""
+    import kdnb.train as train
+
+    monkeypatch.setattr(train, "_TEACHER_OUTPUTS", {})
+    cfg = tiny(teacher=teacher_ckpt, methods={"kd": 1.0}, steps=1, flip=False, ckpt_every=0,
+               cache_teacher=True)
+    first = DistillTrainer(cfg, tmp_path / "a", progress=False).teacher_cache
+    second = DistillTrainer(cfg.replace(methods={"nfd": 1.0}, seed=3), tmp_path / "b",
+                            progress=False).teacher_cache
+    assert second is first
+    other_pool = cfg.replace(data_kwargs={**cfg.data_kwargs, "length": 8})
+    third = DistillTrainer(other_pool, tmp_path / "c", progress=False).teacher_cache
+    assert third is not first and len(third["logits"]) == 8
+    import os
+    os.utime(teacher_ckpt, ns=(0, 0))  # the teacher file changed: computed again
+    assert DistillTrainer(other_pool, tmp_path / "d", progress=False).teacher_cache is not third
+
+
 def test_teacher_cache_refuses_random_augmentation(tmp_path, teacher_ckpt):
     cfg = tiny(teacher=teacher_ckpt, methods={"kd": 1.0}, cache_teacher=True)  # flip is on
     with pytest.raises(ValueError, match="fixed training pool"):
