@@ -71,7 +71,6 @@ import copy
 import datetime
 import gc
 import os
-import platform
 import re
 import shlex
 import shutil
@@ -79,7 +78,6 @@ import statistics
 import sys
 import tempfile
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -91,6 +89,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmark scripts
+from loss_overhead import count_host_syncs, device_name  # noqa: E402
 from kdnb import __version__ as kdnb_version
 from kdnb.config import TrainConfig
 from kdnb.data import SegmentationFolder
@@ -270,20 +270,6 @@ def plural(n: int, word: str) -> str:
     return f"{n} {word}{'s' * (n != 1)}"
 
 
-def device_name(device: torch.device, threads: int) -> str:
-    if device.type == "cuda":
-        return f"GPU {torch.cuda.get_device_name(device)}"
-    model = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"CPU {model or platform.machine()}, {plural(threads, 'thread')}"
-
-
 def peak_bf16_tflops(name: str) -> tuple[str, float] | None:
     """``(part, dense bf16 TFLOP/s)`` for a CUDA device name, or None when unknown.
 
@@ -346,21 +332,6 @@ def time_window(step: Callable[[], None], n: int, cuda: bool) -> float:
     for _ in range(n):
         step()
     return (time.perf_counter() - t0) / n
-
-
-def count_host_syncs(fn: Callable[[], None]) -> int | None:
-    """Synchronizing CUDA calls made by ``fn`` (None where they cannot be counted)."""
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            torch.cuda.set_sync_debug_mode("warn")
-            try:
-                fn()
-            finally:
-                torch.cuda.set_sync_debug_mode("default")
-    except Exception:  # an old torch or a build without the debug mode
-        return None
-    return sum("synchroniz" in str(w.message) for w in caught)
 
 
 def count_flops(fn: Callable[[], None]) -> int:
