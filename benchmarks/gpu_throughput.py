@@ -90,7 +90,7 @@ from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmark scripts
-from loss_overhead import count_host_syncs, device_name  # noqa: E402
+from loss_overhead import count_host_syncs, device_name, random_masks  # noqa: E402
 from kdnb import __version__ as kdnb_version
 from kdnb.config import TrainConfig
 from kdnb.data import SegmentationFolder
@@ -342,18 +342,6 @@ def count_flops(fn: Callable[[], None]) -> int:
 
 
 # --------------------------------------------------------------------------- data
-
-def random_masks(batch: int, size: tuple[int, int], num_classes: int,
-                 gen: torch.Generator, block: int = 8) -> torch.Tensor:
-    """Blocks of random labels, 5 % of them ignored: ``(B, H, W)`` long, on the CPU."""
-    h, w = size
-    coarse = torch.randint(0, num_classes, (batch, 1, -(-h // block), -(-w // block)),
-                           generator=gen)
-    ignored = torch.rand(coarse.shape, generator=gen) < 0.05
-    coarse = torch.where(ignored, torch.full_like(coarse, IGNORE_INDEX), coarse)
-    masks = F.interpolate(coarse.float(), scale_factor=block, mode="nearest")[:, 0, :h, :w]
-    return masks.long()
-
 
 def write_png_dataset(folder: Path, files: int, size: tuple[int, int], num_classes: int,
                       seed: int) -> SegmentationFolder:
@@ -676,7 +664,7 @@ def run_losses(args, pair: Pair, device: torch.device) -> dict:
     cuda = device.type == "cuda"
     gen = torch.Generator().manual_seed(args.seed + pair.classes)
     images = torch.rand(args.batch, 3, *args.size, generator=gen).to(device)
-    masks = random_masks(args.batch, tuple(args.size), pair.classes, gen).to(device)
+    masks = random_masks(args.batch, tuple(args.size), pair.classes, device, gen)
     variant = VARIANTS[KDNB]
     teacher, student = copy.deepcopy(pair.teacher), copy.deepcopy(pair.student)
     steps, sums = {}, {}
@@ -870,7 +858,7 @@ def main(argv: list[str] | None = None) -> int:
     memory = PeakMemory(device)
     gen = torch.Generator().manual_seed(args.seed)
     images = torch.rand(args.batch, 3, *args.size, generator=gen).to(device)
-    masks = random_masks(args.batch, tuple(args.size), args.classes, gen).to(device)
+    masks = random_masks(args.batch, tuple(args.size), args.classes, device, gen)
     pair = build_pair(args, args.classes, device, images)
 
     tmp = None
