@@ -60,7 +60,9 @@ def run_one(name: str, methods: dict, seed: int, teacher: str, root: Path, quick
 
 
 #: (method, reference): the comparisons the papers make, beside the gains over the baseline.
-PAIRS = [("nfd", "mse"), ("nfd+fakd", "nfd"), ("kd+fakd", "kd")]
+PAIRS = [("nfd", "mse"), ("nfd+fakd", "nfd"), ("kd+fakd", "kd"),
+         ("nfd-stage2", "mse-stage2"), ("nfd-stage2", "nfd"), ("mse-stage2", "mse"),
+         ("nfd-stage2+fakd", "nfd-stage2"), ("mse-stage2+fakd", "mse-stage2")]
 
 
 def paired_table(rows: list[dict], pairs: list[tuple[str, str]]) -> str:

@@ -281,9 +281,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="teacher, then students compared on SynthScenes (one seed), "
                        "with a prediction PNG")
     p.add_argument("--out", default="runs/demo")
-    p.add_argument("--methods", default="baseline,kd,nfd,nfd+fakd",
-                   help="students to compare (kdnb.demo.COMPARISON: baseline, kd, mse, cwd, nfd, "
-                        "nfd+fakd, kd+fakd)")
+    from .demo import COMPARISON, DEMO_METHODS
+
+    p.add_argument("--methods", default=",".join(DEMO_METHODS),
+                   help=f"students to compare (kdnb.demo.COMPARISON: {', '.join(COMPARISON)})")
     p.add_argument("--student-steps", type=int,
                    help="steps per student (default: the demo's budget, 600)")
     p.add_argument("--quick", action="store_true", help="a tiny budget (for tests); also KDNB_QUICK=1")

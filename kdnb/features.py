@@ -115,6 +115,63 @@ def forward_with_head(model: nn.Module, images: torch.Tensor, classifier: str | 
     return logits, recorder["feat"], outputs["logits"]
 
 
+def parse_layer(layer: str) -> int | None:
+    """A distillation layer name to an encoder stage: ``"head"`` -> None, ``"stageN"`` -> N.
+
+    ``"head"`` is the head feature (the input of the final classifier); ``"stageN"`` is
+    the encoder's N-th output, at stride ``2**N`` (N = 1..5 for smp's encoders).
+    """
+    if layer == "head":
+        return None
+    if isinstance(layer, str) and layer.startswith("stage") and layer[5:].isdigit():
+        stage = int(layer[5:])
+        if 1 <= stage <= 5:
+            return stage
+    raise ValueError(f"unknown layer {layer!r}: use 'head' (the classifier's input) or "
+                     "'stage1'..'stage5' (the encoder's output at stride 2, 4, ..., 32)")
+
+
+def stage_channels(model: nn.Module, stage: int) -> int:
+    """Channels of encoder stage ``stage`` of a :class:`kdnb.models.SegModel`."""
+    inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    channels = list(inner.net.encoder.out_channels)
+    if not 1 <= stage < len(channels):
+        raise ValueError(f"{getattr(inner, 'preset', type(inner).__name__)}'s encoder has "
+                         f"stages 1..{len(channels) - 1}; got stage{stage}")
+    return int(channels[stage])
+
+
+def forward_with_features(model: nn.Module, images: torch.Tensor, stages=()
+                          ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One forward pass that returns the logits and the maps distillation reads.
+
+    Args:
+        model: a :class:`kdnb.models.SegModel`, possibly wrapped in DDP.
+        images: ``(B, 3, H, W)``.
+        stages: encoder stages to return as well (see :func:`parse_layer`).
+
+    Returns:
+        ``(logits, maps)``: the output logits ``(B, K, H, W)`` and a dict with ``"feats"``
+        (head feature), ``"logits"`` (head logits, before upsampling) and ``"stageN"`` for
+        each requested stage ``(B, C_N, H / 2**N, W / 2**N)``.
+    """
+    stages = sorted(set(stages))
+    if not stages:
+        logits, feats, head_logits = forward_with_head(model, images)
+        return logits, {"feats": feats, "logits": head_logits}
+    inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    encoder = FeatureRecorder(inner, {"encoder": "net.encoder"}, capture="output")
+    with encoder:
+        logits, feats, head_logits = forward_with_head(model, images)
+    outputs = encoder["encoder"]
+    maps = {"feats": feats, "logits": head_logits}
+    for stage in stages:
+        if not 1 <= stage < len(outputs):
+            raise ValueError(f"the encoder returned {len(outputs)} maps: no stage{stage}")
+        maps[f"stage{stage}"] = outputs[stage]
+    return logits, maps
+
+
 def match_size(x: torch.Tensor, size: tuple[int, int] | torch.Size) -> torch.Tensor:
     """Bilinearly resizes ``x (B, C, h, w)`` to ``size``; a no-op when it already fits.
 

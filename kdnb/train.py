@@ -915,6 +915,15 @@ def resolve_methods(methods: dict) -> dict:
                              "on=logits (kd), on=nfd or on=feats (mse)")
         base = bases[0]
     base_options = spec.pop(base)
+    layer = base_options.pop("layer", "head")
+    if "layer" in fakd:
+        raise ValueError("fakd takes the layer of the loss it augments: set the layer option "
+                         f"on {base}, not on fakd")
+    if layer != "head":
+        if base == "kd":
+            raise ValueError(f"kd reads the logits, so its layer can only be 'head', got "
+                             f"{layer!r}")
+        fakd["layer"] = layer  # the feature bounds hold at any layer (no classifier in them)
     weight = base_options.pop("weight", METHODS[base].weight)
     carried = {}
     if base == "kd" and "temperature" in base_options:
@@ -932,6 +941,32 @@ def resolve_methods(methods: dict) -> dict:
     spec["fakd"] = {"weight": fakd.pop("weight", weight), "on": FAKD_BASES[base],
                     **carried, **fakd}
     return spec
+
+
+def split_layers(spec: dict) -> tuple[dict, dict[str, int | None]]:
+    """Takes each loss's ``layer`` option out of ``spec``: the layer it distils.
+
+    ``"head"`` (the default) is the head feature, the classifier's input; ``"stageN"`` the
+    encoder's output at stride ``2**N`` (:func:`kdnb.features.parse_layer`). Only losses
+    that read features take a layer (feature and relation losses, CWD with
+    ``on="feats"``, FAKD on a feature loss: :func:`resolve_methods` gives it its base's
+    layer). Returns ``(spec, layers)`` with ``layers[name]`` None or N.
+    """
+    from .features import parse_layer
+    from .losses import METHODS
+
+    layers = {}
+    for name, options in spec.items():
+        layer = options.pop("layer", "head")
+        stage = parse_layer(layer)
+        reads_feats = (METHODS[name].kind in ("feature", "relation")
+                       or (name in ("cwd", "fakd") and options.get("on") in ("feats", "nfd")))
+        if stage is not None and not reads_feats:
+            raise ValueError(f"{name} reads the logits, so its layer can only be 'head', got "
+                             f"{layer!r}; a layer applies to feature losses (mse, at, nfd, "
+                             "skd, ifvd, cwd with on=feats)")
+        layers[name] = stage
+    return spec, layers
 
 
 def check_teacher(cfg: TrainConfig, run_dir: str | Path) -> dict:
@@ -983,7 +1018,10 @@ class DistillTrainer(Trainer):
     The teacher runs in eval mode under ``torch.inference_mode``; adapters and FAKD
     statistics live in the loss modules, train with the student and are saved in every
     checkpoint, so resume is exact. ``cfg.methods`` is a plain dict such as
-    ``{"kd": 1.0, "nfd": {"weight": 2.0}, "fakd": {"lambda_0": 7.5}}``.
+    ``{"kd": 1.0, "nfd": {"weight": 2.0}, "fakd": {"lambda_0": 7.5}}``. A feature or
+    relation loss distils the head feature unless its options name another ``layer``
+    (``{"nfd": {"layer": "stage3"}}``: the encoder's output at stride 8; see
+    :func:`split_layers`).
 
     Introduced in notebooks/04_distillation_runs.ipynb.
     """
@@ -995,23 +1033,36 @@ class DistillTrainer(Trainer):
             raise ValueError("distillation needs a teacher checkpoint: pass --teacher PATH")
         # The pair and the methods are checked before any data is read or model built.
         teacher_ckpt = check_teacher(cfg, run_dir)
-        spec = resolve_methods(cfg.methods)
+        spec, self.layers = split_layers(resolve_methods(cfg.methods))
+        #: encoder stages some loss reads (their maps are recorded and cached too)
+        self.stages = sorted({n for n in self.layers.values() if n is not None})
         super().__init__(cfg, run_dir, **kw)
         teacher = model_from_record(teacher_ckpt, cfg.teacher, num_classes=self.num_classes)
         teacher = teacher.to(self.device).eval().requires_grad_(False)
         if self.cuda and cfg.channels_last:
             teacher = teacher.to(memory_format=torch.channels_last)
         self.teacher = teacher
-        if "fakd" in spec:
+        if spec.get("fakd", {}).get("on") == "logits":  # the logit bound needs W f + b
             clf = self.model.classifier
             if not isinstance(clf, nn.Conv2d) or clf.kernel_size != (1, 1):
                 raise ValueError(f"FAKD needs a student classifier that is linear on each "
                                  f"position (a 1x1 convolution); {cfg.model}'s is "
                                  f"{getattr(clf, 'kernel_size', type(clf).__name__)}: choose a "
                                  "preset with a 1x1 head")
-        self.losses = build_losses(spec, student_channels=self.model.classifier.in_channels,
-                                   teacher_channels=teacher.classifier.in_channels,
-                                   num_classes=self.num_classes).to(self.device)
+        from .features import stage_channels
+
+        def channels(model: nn.Module, stage: int | None) -> int:
+            return model.classifier.in_channels if stage is None else stage_channels(model, stage)
+
+        # One module per loss, each sized for the layer it reads.
+        self.losses = nn.ModuleDict()
+        for name, options in spec.items():
+            stage = self.layers[name]
+            self.losses.update(build_losses({name: options},
+                                            student_channels=channels(self.model, stage),
+                                            teacher_channels=channels(teacher, stage),
+                                            num_classes=self.num_classes))
+        self.losses.to(self.device)
         self.teacher_cache = self._cache_teacher() if cfg.cache_teacher else None
         # Adapters are trained with the student.
         self.optimizer = build_optimizer(nn.ModuleList([self.model, self.losses]), cfg)
@@ -1032,7 +1083,7 @@ class DistillTrainer(Trainer):
         if not fixed:
             raise ValueError("cache_teacher needs a fixed training pool: set flip=False and no "
                              "random scale or crop (SynthScenes: --no-flip), or turn the cache off")
-        from .features import forward_with_head
+        from .features import forward_with_features
 
         base = getattr(self.train_set, "dataset", self.train_set)
         cfg = self.cfg
@@ -1042,19 +1093,20 @@ class DistillTrainer(Trainer):
         # pool: the outputs are computed once per process and kept for the next student.
         key = (str(teacher_file), stat.st_size, stat.st_mtime_ns, cfg.data, str(cfg.root),
                json.dumps(cfg.data_kwargs, sort_keys=True), len(base), str(self.device),
-               self.cuda and cfg.amp)
+               self.cuda and cfg.amp, tuple(self.stages))
         if _TEACHER_OUTPUTS.get("key") == key:
             return _TEACHER_OUTPUTS["outputs"]
         _TEACHER_OUTPUTS.clear()  # one entry: a pool's outputs can be large
-        feats, logits = [], []
+        parts: dict[str, list[torch.Tensor]] = {}
         amp = dict(device_type=self.device.type, dtype=torch.bfloat16,
                    enabled=self.cuda and cfg.amp)
         for start in range(0, len(base), 64):
             images = torch.stack([base[i][0] for i in range(start, min(start + 64, len(base)))])
             with torch.autocast(**amp):
-                _, f, z = forward_with_head(self.teacher, images.to(self.device))
-            feats.append(f.float().cpu()), logits.append(z.float().cpu())
-        outputs = {"feats": torch.cat(feats), "logits": torch.cat(logits)}
+                _, maps = forward_with_features(self.teacher, images.to(self.device), self.stages)
+            for k, v in maps.items():
+                parts.setdefault(k, []).append(v.float().cpu())
+        outputs = {k: torch.cat(v) for k, v in parts.items()}
         _TEACHER_OUTPUTS.update(key=key, outputs=outputs)
         return outputs
 
@@ -1087,7 +1139,7 @@ class DistillTrainer(Trainer):
 
     def train_step(self, images: torch.Tensor, masks: torch.Tensor,
                    indices: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        from .features import forward_with_head
+        from .features import forward_with_features
 
         amp = dict(device_type=self.device.type, dtype=torch.bfloat16,
                    enabled=self.cuda and self.cfg.amp)
@@ -1096,18 +1148,24 @@ class DistillTrainer(Trainer):
                        for k, v in self.teacher_cache.items()}
         else:
             with torch.inference_mode(), torch.autocast(**amp):
-                _, t_feats, t_logits = forward_with_head(self.teacher, images)
+                _, t_maps = forward_with_features(self.teacher, images, self.stages)
             # Inference tensors cannot be saved for backward: one copy makes them normal.
-            teacher = {"feats": t_feats.clone(), "logits": t_logits.clone()}
+            teacher = {k: v.clone() for k, v in t_maps.items()}
         for module in self.losses.values():
             if hasattr(module, "set_progress"):
                 module.set_progress(self.step, self.cfg.steps)
         with torch.autocast(**amp):
-            logits, feats, head_logits = forward_with_head(self.ddp, images)
+            logits, student = forward_with_features(self.ddp, images, self.stages)
             task = F.cross_entropy(logits.float(), masks, ignore_index=IGNORE_INDEX)
-        student = {"feats": feats, "logits": head_logits,
-                   "classifier_weight": self.model.classifier.weight}
-        terms = {name: module(student, teacher, masks) for name, module in self.losses.items()}
+        student["classifier_weight"] = self.model.classifier.weight
+
+        def at_layer(maps: dict, stage: int | None) -> dict:
+            # A loss reads "feats": give it the map of its layer.
+            return maps if stage is None else {**maps, "feats": maps[f"stage{stage}"]}
+
+        terms = {name: module(at_layer(student, self.layers[name]),
+                              at_layer(teacher, self.layers[name]), masks)
+                 for name, module in self.losses.items()}
         loss = self.cfg.task_weight * task
         for name, module in self.losses.items():
             loss = loss + module.loss_weight * terms[name]

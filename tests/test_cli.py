@@ -59,7 +59,7 @@ def test_demo_quick_end_to_end(capsys, tmp_path, monkeypatch):
     out = capsys.readouterr().out
     assert "teacher" in out and "student" in out and "mIoU" in out
     summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
-    assert set(summary["models"]) == {"teacher", "baseline", "kd", "nfd", "nfd+fakd"}
+    assert set(summary["models"]) == {"teacher", "baseline", "kd", "nfd-stage2", "nfd-stage2+fakd"}
     assert "% of gap" in out
     assert (tmp_path / "demo" / "predictions.png").stat().st_size > 1000
     cached = list((tmp_path / "data" / "checkpoints").glob("*.pt"))

@@ -223,3 +223,69 @@ def test_teacher_cache_refuses_random_augmentation(tmp_path, teacher_ckpt):
     cfg = tiny(teacher=teacher_ckpt, methods={"kd": 1.0}, cache_teacher=True)  # flip is on
     with pytest.raises(ValueError, match="fixed training pool"):
         DistillTrainer(cfg, tmp_path, progress=False)
+
+
+def test_feature_losses_distil_an_encoder_stage(tmp_path, teacher_ckpt):
+    """``layer="stageN"`` distils the encoder's output at stride 2**N: the adapter is sized
+    for that stage's channels, the loss reads that map (cached or live, the same value),
+    and the student's encoder gets the gradient."""
+    from kdnb.features import forward_with_features, stage_channels
+
+    methods = {"nfd": {"weight": 1.0, "layer": "stage3"}, "mse": {"weight": 1.0}, "kd": 1.0}
+    cfg = tiny(teacher=teacher_ckpt, methods=methods, steps=1, flip=False, ckpt_every=0)
+    first = {}
+    for name, cache in (("cached", True), ("live", False)):
+        trainer = DistillTrainer(cfg.replace(cache_teacher=cache), tmp_path / name,
+                                 progress=False)
+        assert trainer.layers == {"nfd": 3, "mse": None, "kd": None} and trainer.stages == [3]
+        adapter = trainer.losses["nfd"].adapter
+        # MobileNetV2's stage 3 (stride 8) has 32 channels, and so has the tiny teacher's
+        # (same encoder): no adapter is needed there, unlike the head (32 -> 64).
+        assert stage_channels(trainer.model, 3) == stage_channels(trainer.teacher, 3) == 32
+        assert adapter is None
+        assert trainer.losses["mse"].adapter is not None
+        if cache:
+            assert trainer.teacher_cache["stage3"].shape == (16, 32, 8, 8)
+        trainer.callbacks.append(lambda r, name=name: first.setdefault(name, r))
+        trainer.fit()
+    for key in ("task", "kd", "nfd", "mse"):
+        assert first["cached"][key] == pytest.approx(first["live"][key], rel=1e-5), key
+    # The stage-3 loss differs from the head one: the layer is really another map.
+    head = DistillTrainer(tiny(teacher=teacher_ckpt, methods={"nfd": 1.0}, steps=1,
+                               ckpt_every=0), tmp_path / "head", progress=False)
+    head.callbacks.append(lambda r: first.setdefault("head", r))
+    head.fit()
+    assert first["head"]["nfd"] != pytest.approx(first["live"]["nfd"], rel=1e-3)
+    assert parse_methods("nfd=2", ["nfd.layer=stage3"]) == {"nfd": {"weight": 2.0,
+                                                                    "layer": "stage3"}}
+    images = torch.rand(2, 3, 64, 64)
+    _, maps = forward_with_features(head.model, images, stages=[2, 4])
+    assert maps["stage2"].shape[-1] == 16 and maps["stage4"].shape[-1] == 4
+
+
+@pytest.mark.parametrize("methods, words", [
+    ({"kd": {"layer": "stage3"}}, "reads the logits"),
+    ({"nfd": {"layer": "stage9"}}, "unknown layer"),
+    ({"nfd": {"layer": "block3"}}, "unknown layer"),
+    ({"kd": {"layer": "stage3"}, "fakd": {}}, "reads the logits"),
+    ({"nfd": 1.0, "fakd": {"layer": "stage3"}}, "takes the layer of the loss it augments"),
+])
+def test_layer_errors(tmp_path, teacher_ckpt, methods, words):
+    with pytest.raises(ValueError, match=words):
+        DistillTrainer(tiny(teacher=teacher_ckpt, methods=methods), tmp_path / "run",
+                       progress=False)
+
+
+def test_fakd_augments_a_feature_loss_at_its_encoder_stage(tmp_path, teacher_ckpt):
+    """The feature bounds need no classifier, so FAKD follows NFD or MSE to an encoder
+    stage: class statistics of that stage's student features, its adapter's channels."""
+    methods = {"mse": {"weight": 1.0, "layer": "stage2"}, "fakd": {"lambda_0": 1.0}}
+    assert resolve_methods(methods) == {"fakd": {"weight": 1.0, "on": "feats", "layer": "stage2",
+                                                 "lambda_0": 1.0}}
+    trainer = DistillTrainer(tiny(teacher=teacher_ckpt, methods=methods, steps=2, ckpt_every=0),
+                             tmp_path / "run", progress=False)
+    assert trainer.layers == {"fakd": 2} and trainer.stages == [2]
+    fakd = trainer.losses["fakd"]
+    assert fakd.covariance.dim == 24  # MobileNetV2's stage 2 (stride 4)
+    trainer.fit()
+    assert fakd.covariance.n_seen.sum() == 2 * 4 * 16 * 16  # steps x batch x (64 / 4)^2

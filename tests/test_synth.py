@@ -85,8 +85,36 @@ def test_build_dataset_synth_and_lengths():
     ({"split": "training"}, "unknown split"),
     ({"size": 16}, "too small"),
     ({"scale": (0.4, 0.2)}, "scale"),
+    ({"label_noise": 0.5}, "label_noise"),
+    ({"label_noise": -0.1}, "label_noise"),
 ])
 def test_bad_arguments(kwargs, words):
     split = kwargs.pop("split", "train")
     with pytest.raises(ValueError, match=words):
         SynthScenes(split, **kwargs)
+
+
+def test_label_noise_swaps_pair_classes_in_train_masks_only():
+    """Annotation noise relabels whole objects as the other class of their hue pair, at
+    the given rate, in the train split only; the images never change."""
+    clean = SynthScenes("train", size=64, length=120)
+    noisy = SynthScenes("train", size=64, length=120, label_noise=0.3)
+    swapped = objects = 0
+    for i in range(len(clean)):
+        (image_c, mask_c), (image_n, mask_n) = clean[i], noisy[i]
+        assert torch.equal(image_c, image_n)
+        changed = mask_c != mask_n
+        # Only object pixels change, and only to the partner class (1<->2, 3<->4, ...).
+        assert not (changed & (mask_c == 0)).any()
+        partner = torch.where(mask_c % 2 == 1, mask_c + 1, mask_c - 1)
+        assert torch.equal(mask_n[changed], partner[changed])
+        for k in range(1, clean.num_classes):
+            if (mask_c == k).any():  # visible objects of class k in this image
+                objects += 1
+                swapped += bool(changed[mask_c == k].any())
+    assert objects > 200
+    assert 0.2 < swapped / objects < 0.4  # about 0.3 (an object's visible part counts once)
+    for split in ("val", "test"):  # the ground truth models are scored against stays exact
+        a, b = SynthScenes(split, size=64, length=20), SynthScenes(split, size=64, length=20,
+                                                                     label_noise=0.3)
+        assert all(torch.equal(a[i][1], b[i][1]) for i in range(20))

@@ -71,6 +71,10 @@ class SynthScenes(Dataset):
         scale: object radius range as a fraction of ``size``.
         hue_jitter: half-width of an object's hue range around its family's centre, as a
             fraction of the hue circle; 0.5 makes colour carry no information at all.
+        label_noise: annotation noise of the *train* split: the probability that an
+            object's mask carries the other class of its hue pair (an annotator confusing
+            stripes with checks, or a disk with a square). The image is unchanged; val and
+            test masks are always exact, so models are scored against the true classes.
 
     Shape:
         A sample is ``(image, mask)``: image ``(3, size, size)`` float32 in [0, 1],
@@ -85,7 +89,7 @@ class SynthScenes(Dataset):
     def __init__(self, split: str = "train", *, size: int = 96, length: int | None = None,
                  seed: int = 0, objects: tuple[int, int] = (2, 5),
                  distractor_prob: float = 0.2, scale: tuple[float, float] = (0.10, 0.30),
-                 hue_jitter: float = 0.08):
+                 hue_jitter: float = 0.08, label_noise: float = 0.0):
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}: SynthScenes has {sorted(SPLITS)}")
         if size < 32:
@@ -96,6 +100,10 @@ class SynthScenes(Dataset):
         self.length = DEFAULT_LENGTHS[split] if length is None else int(length)
         self.objects, self.distractor_prob, self.scale = objects, distractor_prob, scale
         self.hue_jitter = float(hue_jitter)
+        if not 0.0 <= label_noise < 0.5:
+            raise ValueError(f"label_noise={label_noise} must be in [0, 0.5): at 0.5 the two "
+                             "classes of a pair can no longer be told apart from the labels")
+        self.label_noise = float(label_noise)
         coords = np.arange(self.size, dtype=np.float32)
         self._yy, self._xx = np.meshgrid(coords, coords, indexing="ij")  # (S, S) each
 
@@ -115,11 +123,15 @@ class SynthScenes(Dataset):
     def render(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """Draws sample ``index`` as numpy arrays: image ``(S, S, 3)`` float32, mask ``(S, S)`` int64."""
         rng = np.random.default_rng([self.seed, SPLITS[self.split], index])
+        # Annotation noise has its own stream: the image is the same at any noise level.
+        noisy = self.label_noise > 0 and self.split == "train"
+        noise = np.random.default_rng([self.seed, SPLITS[self.split], index, 1]) if noisy else None
         s = self.size
         image = self._background(rng)
         mask = np.zeros((s, s), dtype=np.int64)
         for _ in range(rng.integers(self.objects[0], self.objects[1] + 1)):
-            self._draw_object(rng, image, mask)
+            swap = noisy and noise.uniform() < self.label_noise
+            self._draw_object(rng, image, mask, swap_label=swap)
         # Lighting: a smooth gain across the scene, then a global offset and sensor noise.
         angle = rng.uniform(0, 2 * math.pi)
         ramp = (math.cos(angle) * self._xx + math.sin(angle) * self._yy) / s - 0.5
@@ -141,7 +153,8 @@ class SynthScenes(Dataset):
                   for _ in range(2))
         return weight * c1 + (1 - weight) * c2
 
-    def _draw_object(self, rng: np.random.Generator, image: np.ndarray, mask: np.ndarray) -> None:
+    def _draw_object(self, rng: np.random.Generator, image: np.ndarray, mask: np.ndarray,
+                     swap_label: bool = False) -> None:
         s = self.size
         radius = rng.uniform(*self.scale) * s
         cy, cx = rng.uniform(0, s, size=2)
@@ -178,6 +191,8 @@ class SynthScenes(Dataset):
         patch = np.where(on[..., None], c1, c2)
         region = image[y0:y1, x0:x1]
         region[inside] = patch[inside]
+        if swap_label and label:
+            label = label + 1 if label % 2 else label - 1  # the other class of the pair
         mask[y0:y1, x0:x1][inside] = label
 
 

@@ -19,7 +19,10 @@ The calling contract of every module::
     student, ``C_t`` for the teacher).
 
   Response losses read ``"logits"`` (CWD reads ``"feats"`` with ``on="feats"``), feature
-  and relation losses read ``"feats"``; a loss may read further keys it documents, and
+  and relation losses read ``"feats"``. A trainer may put an encoder stage's map under
+  ``"feats"`` instead of the head feature: :class:`kdnb.train.DistillTrainer` does so for
+  a loss given the option ``layer="stageN"`` (stride ``2**N``), and sizes its adapter for
+  that stage; a loss may read further keys it documents, and
   ignores the others. The teacher's maps may have another ``h, w``: every module resizes
   them to the student's size (bilinear, :func:`kdnb.features.match_size`). Teacher tensors
   are detached inside every loss, so no gradient ever reaches the teacher.

@@ -257,7 +257,9 @@ class ClassCovariance(nn.Module):
                 s.index_add_(0, safe, x)
                 ss.index_add_(0, safe, x.square())
             else:
-                order = torch.argsort(code)  # positions grouped by class, ignored last
+                # A stable sort: the order within a class, hence the rounding of the
+                # float64 sums, does not depend on the sort's implementation.
+                order = torch.argsort(code, stable=True)  # grouped by class, ignored last
                 groups = torch.split(order, hist)
                 for k in range(K):
                     if hist[k] == 0:
