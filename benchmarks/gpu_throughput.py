@@ -99,7 +99,7 @@ from kdnb.features import forward_with_head
 from kdnb.losses import METHODS, build_losses
 from kdnb.models import build_model
 from kdnb.train import (DistillTrainer, StepSampler, build_optimizer, collate, poly_lambda,
-                        resolve_methods)
+                        resolve_methods, split_layers)
 
 IGNORE_INDEX = 255
 
@@ -452,8 +452,9 @@ def kdnb_trainer(cfg: TrainConfig, teacher: nn.Module, student: nn.Module, class
         teacher = teacher.to(memory_format=torch.channels_last)
     trainer.model = trainer.ddp = student
     trainer.teacher, trainer.teacher_cache = teacher, None
-    trainer.losses = build_losses(resolve_methods(cfg.methods),
-                                  student_channels=student.classifier.in_channels,
+    spec, trainer.layers = split_layers(resolve_methods(cfg.methods))  # the head feature
+    trainer.stages = []
+    trainer.losses = build_losses(spec, student_channels=student.classifier.in_channels,
                                   teacher_channels=teacher.classifier.in_channels,
                                   num_classes=classes).to(device)
     trainer.optimizer = build_optimizer(nn.ModuleList([trainer.model, trainer.losses]), cfg)

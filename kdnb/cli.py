@@ -281,12 +281,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="teacher, then students compared on SynthScenes (one seed), "
                        "with a prediction PNG")
     p.add_argument("--out", default="runs/demo")
-    from .demo import COMPARISON, DEMO_METHODS
+    from .demo import COMPARISON, DEMO_METHODS, DEMO_STUDENT_STEPS
 
     p.add_argument("--methods", default=",".join(DEMO_METHODS),
                    help=f"students to compare (kdnb.demo.COMPARISON: {', '.join(COMPARISON)})")
     p.add_argument("--student-steps", type=int,
-                   help="steps per student (default: the demo's budget, 600)")
+                   help=f"steps per student (default: the demo's budget, {DEMO_STUDENT_STEPS})")
     p.add_argument("--quick", action="store_true", help="a tiny budget (for tests); also KDNB_QUICK=1")
     p.add_argument("--fresh", action="store_true", help="retrain even if a cached model exists")
     p.add_argument("--threads", type=int, help="torch CPU threads")

@@ -14,11 +14,21 @@ from collections import defaultdict
 from pathlib import Path
 
 
+def method_label(methods: dict) -> str:
+    """The group name of a methods dict: loss names joined by ``+``, each with ``@layer``
+    when it distils an encoder stage (``"fakd+nfd@stage2"``), ``"baseline"`` when empty."""
+    names = []
+    for name, options in sorted(methods.items()):
+        layer = options.get("layer", "head") if isinstance(options, dict) else "head"
+        names.append(name if layer == "head" else f"{name}@{layer}")
+    return "+".join(names) or "baseline"
+
+
 def read_run(run_dir: str | Path, split: str = "val", label: str | None = None) -> dict:
     """``{"student", "methods", "seed", "miou", "teacher"}`` of a finished run.
 
-    Runs are grouped by ``methods``: the names of their losses (``"fakd+nfd"``), or
-    ``label`` when given (two settings of one loss, e.g. ``"kd-t1"`` and ``"kd"``).
+    Runs are grouped by ``methods``: :func:`method_label` (``"fakd+nfd"``,
+    ``"mse@stage2"``), or ``label`` when given (two settings of one loss, e.g. ``"kd-t1"`` and ``"kd"``).
 
     The mIoU comes from ``final.json`` when the run evaluated ``split`` at its end, else
     from ``<split>.json`` (``kdnb eval --split test --json RUN/test.json``).
@@ -38,7 +48,7 @@ def read_run(run_dir: str | Path, split: str = "val", label: str | None = None) 
         raise FileNotFoundError(f"{run_dir} has no {split} result: run `kdnb eval --ckpt "
                                 f"{run_dir / 'model.pt'} --split {split} --json "
                                 f"{run_dir / (split + '.json')}` first")
-    methods = label or "+".join(sorted(cfg.get("methods") or {})) or "baseline"
+    methods = label or method_label(cfg.get("methods") or {})
     return {"run": str(run_dir), "student": cfg["model"], "methods": methods,
             "seed": cfg.get("seed", 0), "miou": 100 * result["miou"],
             "teacher": cfg.get("teacher")}

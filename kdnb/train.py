@@ -1093,9 +1093,10 @@ class DistillTrainer(Trainer):
         # pool: the outputs are computed once per process and kept for the next student.
         key = (str(teacher_file), stat.st_size, stat.st_mtime_ns, cfg.data, str(cfg.root),
                json.dumps(cfg.data_kwargs, sort_keys=True), len(base), str(self.device),
-               self.cuda and cfg.amp, tuple(self.stages))
-        if _TEACHER_OUTPUTS.get("key") == key:
-            return _TEACHER_OUTPUTS["outputs"]
+               self.cuda and cfg.amp)
+        need = {"feats", "logits", *(f"stage{n}" for n in self.stages)}
+        if _TEACHER_OUTPUTS.get("key") == key and need <= set(_TEACHER_OUTPUTS["outputs"]):
+            return {k: _TEACHER_OUTPUTS["outputs"][k] for k in sorted(need)}
         _TEACHER_OUTPUTS.clear()  # one entry: a pool's outputs can be large
         parts: dict[str, list[torch.Tensor]] = {}
         amp = dict(device_type=self.device.type, dtype=torch.bfloat16,

@@ -210,13 +210,24 @@ def test_students_of_one_comparison_share_the_teacher_outputs(tmp_path, teacher_
     first = DistillTrainer(cfg, tmp_path / "a", progress=False).teacher_cache
     second = DistillTrainer(cfg.replace(methods={"nfd": 1.0}, seed=3), tmp_path / "b",
                             progress=False).teacher_cache
-    assert second is first
+    assert second["logits"] is first["logits"] and second["feats"] is first["feats"]
+    # A student that needs an encoder stage computes them again, with that stage; a student
+    # of the head alone then reuses those (a superset), one of another stage does not.
+    staged = DistillTrainer(cfg.replace(methods={"nfd": {"layer": "stage2"}}), tmp_path / "s2",
+                            progress=False).teacher_cache
+    assert set(staged) == {"feats", "logits", "stage2"} and staged["logits"] is not first["logits"]
+    head = DistillTrainer(cfg, tmp_path / "kd", progress=False).teacher_cache
+    assert set(head) == {"feats", "logits"} and head["logits"] is staged["logits"]
+    stage3 = DistillTrainer(cfg.replace(methods={"mse": {"layer": "stage3"}}), tmp_path / "s3",
+                            progress=False).teacher_cache
+    assert set(stage3) == {"feats", "logits", "stage3"} and stage3["logits"] is not head["logits"]
     other_pool = cfg.replace(data_kwargs={**cfg.data_kwargs, "length": 8})
     third = DistillTrainer(other_pool, tmp_path / "c", progress=False).teacher_cache
-    assert third is not first and len(third["logits"]) == 8
+    assert third["logits"] is not stage3["logits"] and len(third["logits"]) == 8
     import os
     os.utime(teacher_ckpt, ns=(0, 0))  # the teacher file changed: computed again
-    assert DistillTrainer(other_pool, tmp_path / "d", progress=False).teacher_cache is not third
+    again = DistillTrainer(other_pool, tmp_path / "d", progress=False).teacher_cache
+    assert again["logits"] is not third["logits"]
 
 
 def test_teacher_cache_refuses_random_augmentation(tmp_path, teacher_ckpt):
@@ -289,3 +300,14 @@ def test_fakd_augments_a_feature_loss_at_its_encoder_stage(tmp_path, teacher_ckp
     assert fakd.covariance.dim == 24  # MobileNetV2's stage 2 (stride 4)
     trainer.fit()
     assert fakd.covariance.n_seen.sum() == 2 * 4 * 16 * 16  # steps x batch x (64 / 4)^2
+
+
+def test_runs_at_another_layer_form_their_own_group():
+    """`kdnb compare` groups runs by their losses; the same loss on an encoder stage is
+    another method, not another seed of the head-feature one."""
+    from kdnb.compare import method_label
+
+    assert method_label({}) == "baseline"
+    assert method_label({"nfd": 2.0, "kd": {"weight": 1.0}}) == "kd+nfd"
+    assert method_label({"nfd": {"weight": 8.0, "layer": "stage2"}, "fakd": {}}) == "fakd+nfd@stage2"
+    assert method_label({"mse": {"layer": "head"}}) == "mse"
