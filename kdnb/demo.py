@@ -182,8 +182,10 @@ def run_demo(out: Path = Path("runs/demo"), *, quick: bool = False, fresh: bool 
 
 
 def _uses_stages(cfg: TrainConfig) -> bool:
-    return any(isinstance(o, dict) and o.get("layer", "head") != "head"
-               for o in cfg.methods.values())
+    from .train import resolve_methods, split_layers
+
+    _, layers = split_layers(resolve_methods(cfg.methods))
+    return any(stage is not None for stage in layers.values())
 
 
 @torch.no_grad()
