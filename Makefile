@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 export HF_HUB_OFFLINE ?= 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: demo test test-fast lab strip check-notebooks clean
+.PHONY: demo test test-widgets7 lab strip check-notebooks clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,16 @@ demo: $(STAMP)  ## teacher + student on SynthScenes, prints mIoU, writes runs/de
 test: $(STAMP) check-notebooks  ## every test, notebooks included
 	$(BIN)/python -m pytest -q
 
+# Colab ships ipywidgets 7.7.1; .venv has the newest 8.x. This runs the notebooks, widget
+# check included (tests/test_notebooks.py), and JupyterLab with its widget front end
+# (tests/test_lab.py), in a second environment with 7.7.1.
+IW7 := .venv-ipywidgets7
+test-widgets7:  ## the notebooks and their widgets under ipywidgets 7.7.1 (Colab's version)
+	test -x $(IW7)/bin/python || $(PYTHON) -m venv $(IW7)
+	$(IW7)/bin/python -m pip install --progress-bar off -c constraints.txt -e ".[notebooks,dev]" \
+	  "ipywidgets==7.7.1" > $(IW7)/install.log 2>&1 || { tail -40 $(IW7)/install.log; exit 1; }
+	$(IW7)/bin/python -m pytest -q -s tests/test_notebooks.py tests/test_lab.py
+
 lab: $(STAMP)  ## JupyterLab on the workbook
 	$(BIN)/jupyter lab notebooks/
 
@@ -34,4 +44,4 @@ check-notebooks: $(STAMP)
 	  || { echo "notebooks have stored outputs: run 'make strip'"; exit 1; }; fi
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache kdnb.egg-info
+	rm -rf $(VENV) $(IW7) runs .pytest_cache kdnb.egg-info

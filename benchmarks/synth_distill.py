@@ -4,6 +4,8 @@
     python benchmarks/synth_distill.py --sweep nfd=0.5,1,2,4   # choose a weight on val (seed 0)
     python benchmarks/synth_distill.py --methods baseline kd --seeds 1 --set steps=400 --tag s400
                                                               # a regime probe (other budget)
+    python benchmarks/synth_distill.py --methods baseline kd --seeds 1 --teacher-set steps=3600 \
+        --tag teacher3600                                     # another teacher (own folder)
     python benchmarks/synth_distill.py --quick --no-write      # seconds; what the test runs
 
 Protocol:
@@ -122,6 +124,8 @@ def main() -> None:
     parser.add_argument("--sweep", help="METHOD=w1,w2,...: val mIoU per weight, seed 0")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="change a student config field for every run (use with --tag)")
+    parser.add_argument("--teacher-set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="change a teacher config field, e.g. steps=3600 (use with --tag)")
     parser.add_argument("--tag", help="runs go to ROOT/TAG (other settings, other runs)")
     parser.add_argument("--root", default="runs/synth_distill")
     parser.add_argument("--quick", action="store_true", help="tiny budgets (tests)")
@@ -130,6 +134,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(Path(__file__).with_name("RESULTS.md")))
     args = parser.parse_args()
     changes = parse_set(args.set)
+    teacher_changes = parse_set(args.teacher_set)
     methods = dict(COMPARISON)
     for item in args.variant:
         name, sep, spec = item.partition("=")
@@ -140,14 +145,16 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"unknown methods {unknown}: choose among {list(methods)} "
                          "(or define one with --variant)")
-    if changes and not args.tag:
-        raise SystemExit("--set changes the runs: give them their own folder with --tag NAME")
+    if (changes or teacher_changes) and not args.tag:
+        raise SystemExit("--set and --teacher-set change the runs: give them their own folder "
+                         "with --tag NAME")
     if args.threads:
         torch.set_num_threads(args.threads)
     start = time.perf_counter()
     root = Path(args.root)
-    teacher_cfg = teacher_config(quick=args.quick)
-    train_or_load(teacher_cfg, root / "teacher", progress=not args.quick)
+    teacher_cfg = teacher_config(quick=args.quick).replace(**teacher_changes)
+    teacher_dir = root / ("teacher" if not teacher_changes else f"teacher-{args.tag}")
+    train_or_load(teacher_cfg, teacher_dir, progress=not args.quick)
     teacher = str(cache_path(teacher_cfg))
     if args.tag:
         root = root / args.tag
@@ -171,6 +178,7 @@ def main() -> None:
             runs.append(one(name if spec == methods[name] else f"{name}-w{w:g}", spec, 0))
         lines = [f"{Path(r).name}: val mIoU {read_run(r, 'val')['miou']:.2f}, "
                  f"test {read_run(r, 'test')['miou']:.2f}" for r in runs]
+        lines.append(f"teacher: val mIoU {teacher_val:.2f}, test {teacher_test:.2f} ({Path(teacher).name})")
         report = "\n".join(lines)
         title = f"Weight sweep for {name} on val (seed 0)"
     else:
@@ -188,6 +196,8 @@ def main() -> None:
         title = f"SynthScenes distillation, {args.seeds} paired seeds"
     if changes:
         title += f", student changes {changes}"
+    if teacher_changes:
+        title += f", teacher changes {teacher_changes}"
     wall = time.perf_counter() - start
     print(report)
     print(f"\n{wall:.0f} s")

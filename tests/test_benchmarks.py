@@ -50,6 +50,29 @@ def test_synth_distill_quick_runs_every_method_and_resumes(tmp_path):
     assert {p: p.stat().st_mtime for p in stamps} == stamps  # nothing was trained again
 
 
+def test_synth_distill_teacher_set_trains_another_teacher(tmp_path):
+    """--teacher-set: a second teacher in its own file; the tagged students distil from it."""
+    import json
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "KDNB_DATA": str(tmp_path / "data")}
+    base = [sys.executable, str(ROOT / "benchmarks" / "synth_distill.py"), "--quick", "--no-write",
+            "--seeds", "1", "--threads", "1", "--root", str(tmp_path / "runs"),
+            "--methods", "baseline", "kd"]
+    proc = subprocess.run(base + ["--teacher-set", "steps=6"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "--tag" in proc.stderr  # a changed teacher needs a folder
+    proc = subprocess.run(base + ["--teacher-set", "steps=6", "--tag", "t6"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    teachers = sorted((tmp_path / "data" / "checkpoints").glob("synth-teacher-*.pt"))
+    assert len(teachers) == 1  # only the changed teacher was trained
+    used = json.loads((tmp_path / "runs" / "t6" / "kd-s0" / "config.json").read_text())["teacher"]
+    assert Path(used) == teachers[0]
+    teacher_cfg = json.loads((tmp_path / "runs" / "teacher-t6" / "config.json").read_text())
+    assert teacher_cfg["steps"] == 6
+
+
 GPU_THROUGHPUT = ROOT / "benchmarks" / "gpu_throughput.py"
 NUMBER = r"\d+\.\d+"
 
