@@ -26,10 +26,8 @@ the command and the wall time.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -41,9 +39,11 @@ from kdnb.data import build_dataset
 from kdnb.demo import COMPARISON, cache_path, student_config, teacher_config, train_or_load
 from kdnb.train import config_hash, evaluate, make_trainer, model_from_checkpoint
 
+from _results import append_section  # benchmarks/_results.py
+
 
 def run_one(name: str, methods: dict, seed: int, teacher: str, root: Path, quick: bool,
-            test_set, changes: dict) -> Path:
+            held_out: dict, changes: dict) -> Path:
     run_dir = root / f"{name}-s{seed}"
     cfg = student_config(methods, seed=seed, teacher=teacher, quick=quick,
                          **{"eval_every": 0, **changes})
@@ -52,12 +52,26 @@ def run_one(name: str, methods: dict, seed: int, teacher: str, root: Path, quick
             != config_hash(cfg):
         raise SystemExit(f"{run_dir} holds a run with other settings than {name} has now "
                          f"({cfg.methods}): delete it, or give these runs another --tag")
-    if (run_dir / "final.json").is_file() and (run_dir / "test.json").is_file():
-        return run_dir  # finished earlier
-    trainer = make_trainer(cfg, run_dir, progress=not quick)
-    trainer.fit(resume=(run_dir / "config.json").is_file())
-    result = evaluate(trainer.model, test_set, num_classes=test_set.num_classes, batch_size=32)
-    (run_dir / "test.json").write_text(json.dumps({"split": "test", **result}, indent=2))
+    if (run_dir / "final.json").is_file():  # trained earlier
+        model = None
+    else:
+        trainer = make_trainer(cfg, run_dir, progress=not quick)
+        trainer.fit(resume=(run_dir / "config.json").is_file())
+        model = trainer.model
+    for split, dataset in held_out.items():
+        # A score counts when it was taken on the split as it is now: a run scored before
+        # SynthScenes' held-out splits grew is scored again.
+        path = run_dir / f"{split}.json"
+        scored = [json.loads(f.read_text()) for f in (path, run_dir / "final.json") if f.is_file()]
+        current = [r for r in scored if r.get("split") == split and r.get("images") == len(dataset)]
+        if current:
+            if not path.is_file():
+                path.write_text(json.dumps(current[0], indent=2))
+            continue
+        if model is None:
+            model = model_from_checkpoint(run_dir / "model.pt")
+        result = evaluate(model, dataset, num_classes=dataset.num_classes, batch_size=32)
+        path.write_text(json.dumps({"split": split, **result}, indent=2))
     return run_dir
 
 
@@ -166,8 +180,10 @@ def main() -> None:
     teacher_val = 100 * evaluate(teacher_model, val_set, num_classes=val_set.num_classes,
                                  batch_size=32)["miou"]
 
+    held_out = {"val": val_set, "test": test_set}
+
     def one(name, methods, seed):
-        return run_one(name, methods, seed, teacher, root, args.quick, test_set, changes)
+        return run_one(name, methods, seed, teacher, root, args.quick, held_out, changes)
 
     if args.sweep:
         name, weights = parse_sweep(args.sweep, methods)
@@ -202,12 +218,8 @@ def main() -> None:
     print(report)
     print(f"\n{wall:.0f} s")
     if not args.no_write:
-        command = "python " + " ".join(["benchmarks/synth_distill.py", *sys.argv[1:]])
-        with open(args.out, "a") as fh:
-            fh.write(f"\n## {title} ({datetime.date.today()})\n\nCommand: `{command}` "
-                     f"(wall time {wall / 60:.1f} min; teacher outputs cached: fixed pool, no "
-                     f"flip)\n\n{report}\n")
-
+        append_section(args.out, title, wall, report,
+                       note="teacher outputs cached: fixed pool, no flip")
 
 if __name__ == "__main__":
     main()

@@ -38,6 +38,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--encoder-weights", help="'imagenet' (needs the network or a warm cache)")
     p.add_argument("--model-arg", action="append", metavar="KEY=VALUE",
                    help="an smp model option, e.g. decoder_dropout=0 (repeatable)")
+    p.add_argument("--data-arg", action="append", metavar="KEY=VALUE",
+                   help="a dataset option, e.g. unlabelled=0 (SynthScenes fully annotated) or "
+                        "train_length=1000 (repeatable)")
     p.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm under torchrun")
     p.add_argument("--freeze-bn", action="store_true", help="BatchNorm keeps its running statistics")
     p.add_argument("--no-flip", action="store_true", help="no random horizontal flip")
@@ -71,15 +74,26 @@ def config_from_args(args) -> TrainConfig:
                if getattr(args, arg) is not None}
     if args.crop:
         changes["crop_size"] = tuple(args.crop)
+    data = changes.get("data", cfg.data)
+    # A recipe's dataset options belong to its dataset: another --data starts from none.
+    data_kwargs = dict(cfg.data_kwargs) if data == cfg.data else {}
     if args.size is not None:
-        changes["data_kwargs"] = {**cfg.data_kwargs, "size": args.size}
-    for item in args.model_arg or []:
-        key, eq, value = item.partition("=")
-        if not eq:
-            raise ValueError(f"--model-arg {item!r}: expected KEY=VALUE, e.g. decoder_dropout=0")
-        value = parse_value(value)
-        value = int(value) if isinstance(value, float) and value.is_integer() and "." not in item else value
-        changes.setdefault("model_kwargs", dict(cfg.model_kwargs))[key.strip()] = value
+        data_kwargs["size"] = args.size
+    model_kwargs = dict(cfg.model_kwargs)
+    for flag, options, example in (("model-arg", model_kwargs, "decoder_dropout=0"),
+                                   ("data-arg", data_kwargs, "unlabelled=0")):
+        for item in getattr(args, flag.replace("-", "_")) or []:
+            key, eq, text = item.partition("=")
+            if not eq:
+                raise ValueError(f"--{flag} {item!r}: expected KEY=VALUE, e.g. {example}")
+            value = parse_value(text)
+            if isinstance(value, float) and value.is_integer() and "." not in text:
+                value = int(value)
+            options[key.strip()] = value
+    if data_kwargs != cfg.data_kwargs:
+        changes["data_kwargs"] = data_kwargs
+    if model_kwargs != cfg.model_kwargs:
+        changes["model_kwargs"] = model_kwargs
     if args.sync_bn:
         changes["sync_bn"] = True
     if args.freeze_bn:
@@ -92,10 +106,7 @@ def config_from_args(args) -> TrainConfig:
         changes["amp"] = False
     if args.skip_nonfinite:
         changes["skip_nonfinite"] = True
-    if changes.get("data", cfg.data) != "synth" and "data_kwargs" not in changes \
-            and changes.get("data") is not None:
-        changes["data_kwargs"] = {}  # synth sizes do not apply to real datasets
-    if changes.get("data", cfg.data) != "synth" and "eval_batch_size" not in changes:
+    if data != "synth" and "eval_batch_size" not in changes:
         changes["eval_batch_size"] = 1  # real images differ in size
     return cfg.replace(**changes)
 

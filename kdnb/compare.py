@@ -30,8 +30,9 @@ def read_run(run_dir: str | Path, split: str = "val", label: str | None = None) 
     Runs are grouped by ``methods``: :func:`method_label` (``"fakd+nfd"``,
     ``"mse@stage2"``), or ``label`` when given (two settings of one loss, e.g. ``"kd-t1"`` and ``"kd"``).
 
-    The mIoU comes from ``final.json`` when the run evaluated ``split`` at its end, else
-    from ``<split>.json`` (``kdnb eval --split test --json RUN/test.json``).
+    The mIoU comes from ``<split>.json`` (``kdnb eval --split test --json RUN/test.json``,
+    an evaluation made after training, on the split as it is now), else from
+    ``final.json`` when the run evaluated ``split`` at its end.
     """
     run_dir = Path(run_dir)
     config_path = run_dir / "config.json"
@@ -40,10 +41,10 @@ def read_run(run_dir: str | Path, split: str = "val", label: str | None = None) 
     cfg = json.loads(config_path.read_text())
     result = None
     final = run_dir / "final.json"
-    if final.is_file() and json.loads(final.read_text()).get("split") == split:
-        result = json.loads(final.read_text())
-    elif (run_dir / f"{split}.json").is_file():
+    if (run_dir / f"{split}.json").is_file():
         result = json.loads((run_dir / f"{split}.json").read_text())
+    elif final.is_file() and json.loads(final.read_text()).get("split") == split:
+        result = json.loads(final.read_text())
     if result is None:
         raise FileNotFoundError(f"{run_dir} has no {split} result: run `kdnb eval --ckpt "
                                 f"{run_dir / 'model.pt'} --split {split} --json "

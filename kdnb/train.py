@@ -401,6 +401,7 @@ def evaluate(model: nn.Module, dataset: Dataset, *, num_classes: int, batch_size
     """mIoU, per-class IoU and pixel accuracy of ``model`` on ``dataset``.
 
     Under DDP each rank evaluates a strided shard and the confusion matrices are summed.
+    Returns :meth:`SegMetric.compute`'s dict with ``"images"``, the number scored.
     """
     device = torch.device(device)
     was_training = model.training
@@ -420,7 +421,7 @@ def evaluate(model: nn.Module, dataset: Dataset, *, num_classes: int, batch_size
         metric.update(logits.argmax(1), masks)
     metric.all_reduce()
     model.train(was_training)
-    return metric.compute()
+    return {**metric.compute(), "images": len(dataset)}
 
 
 # --------------------------------------------------------------------------- the loop
@@ -887,9 +888,10 @@ def resolve_methods(methods: dict) -> dict:
     """Folds ``fakd`` into the loss it augments.
 
     FAKD's bound *contains* the loss it augments (at ``lambda = 0`` it is that loss), so
-    ``{"kd": 1, "fakd": {}}`` becomes one FAKD module on logits with KD's weight and
-    temperature, and ``{"nfd": 2, "fakd": {}}`` one on normalized features. Other losses
-    stay as they are.
+    ``{"kd": 1, "fakd": {}}`` becomes one FAKD module on logits with KD's weight,
+    temperature and pixels (all of them, unlabelled ones included, as pixel KD by default:
+    ``keep_ignored``), and ``{"nfd": 2, "fakd": {}}`` one on normalized features. Other
+    losses stay as they are.
     """
     from .losses import METHODS
 
@@ -926,8 +928,15 @@ def resolve_methods(methods: dict) -> dict:
         fakd["layer"] = layer  # the feature bounds hold at any layer (no classifier in them)
     weight = base_options.pop("weight", METHODS[base].weight)
     carried = {}
-    if base == "kd" and "temperature" in base_options:
-        carried["temperature"] = base_options.pop("temperature")
+    if base == "kd":
+        if "temperature" in base_options:
+            carried["temperature"] = base_options.pop("temperature")
+        # The bound covers the pixels KD covers: every pixel unless KD leaves some out (its
+        # ignore_index). On a pixel without a label there is no Sigma_y, so it is plain KD.
+        kd_ignore = base_options.pop("ignore_index", None)
+        carried["keep_ignored"] = kd_ignore is None
+        if kd_ignore is not None:
+            carried["ignore_index"] = kd_ignore
     if base == "nfd":
         norm = base_options.pop("norm", "channel")
         if norm != "channel":

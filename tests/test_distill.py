@@ -37,12 +37,41 @@ def teacher_ckpt(tmp_path_factory):
 
 def test_resolve_methods_folds_fakd_into_its_base():
     assert resolve_methods({"kd": 2.0, "fakd": {"lambda_0": 5}}) == {
-        "fakd": {"weight": 2.0, "on": "logits", "lambda_0": 5}}
+        "fakd": {"weight": 2.0, "on": "logits", "keep_ignored": True, "lambda_0": 5}}
+    # KD that leaves out unlabelled pixels passes that on; fakd's own options win.
+    assert resolve_methods({"kd": {"ignore_index": 255}, "fakd": {}})["fakd"]["keep_ignored"] is False
+    assert resolve_methods({"kd": 1, "fakd": {"keep_ignored": False}})["fakd"]["keep_ignored"] is False
     assert resolve_methods({"kd": {"temperature": 2.0}, "fakd": None})["fakd"]["temperature"] == 2.0
     spec = resolve_methods({"cwd": 3.0, "nfd": {"weight": 1.5}, "fakd": {}})
     assert spec["cwd"] == {"weight": 3.0} and spec["fakd"]["on"] == "nfd"
     assert spec["fakd"]["weight"] == 1.5 and "nfd" not in spec
     assert resolve_methods({"kd": 1.0, "mse": 1.0, "fakd": {"on": "feats"}})["fakd"]["on"] == "feats"
+
+
+@pytest.mark.parametrize("kd_options", [{}, {"ignore_index": 255}])
+def test_kd_plus_fakd_at_lambda_0_is_the_kd_it_replaces_on_unlabelled_pixels(kd_options):
+    """FAKD is an add-on: folded into KD, its bound at lambda = 0 is the KD loss of the same
+    options on the same pixels, also where masks are partly unlabelled (255), as in the
+    SynthScenes recipes. (It once dropped KD's unlabelled pixels: KD+FAKD then lost what
+    KD gains there.)"""
+    from kdnb.losses import build_losses
+
+    torch.manual_seed(0)
+    kd = {"weight": 1.0, "temperature": 2.0, **kd_options}
+    plain = build_losses({"kd": dict(kd)}, student_channels=8, teacher_channels=8, num_classes=5)
+    folded = build_losses(resolve_methods({"kd": dict(kd), "fakd": {"lambda_0": 0.0}}),
+                          student_channels=8, teacher_channels=8, num_classes=5)
+    feats = torch.randn(2, 8, 6, 6)
+    classifier = torch.nn.Conv2d(8, 5, 1)
+    student = {"feats": feats, "logits": classifier(feats), "classifier_weight": classifier.weight}
+    teacher = {"logits": torch.randn(2, 5, 6, 6), "feats": torch.randn(2, 8, 6, 6)}
+    masks = torch.randint(0, 5, (2, 12, 12))
+    masks[:, :6] = 255  # half of every image unlabelled
+    value = folded["fakd"](student, teacher, masks)
+    assert torch.allclose(value, plain["kd"](student, teacher, masks), atol=1e-6)
+    assert not torch.allclose(value, build_losses(
+        {"kd": {**kd, "ignore_index": None if kd_options else 255}}, student_channels=8,
+        teacher_channels=8, num_classes=5)["kd"](student, teacher, masks), atol=1e-4)
 
 
 @pytest.mark.parametrize("methods, words", [

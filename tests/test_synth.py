@@ -87,6 +87,9 @@ def test_build_dataset_synth_and_lengths():
     ({"scale": (0.4, 0.2)}, "scale"),
     ({"label_noise": 0.5}, "label_noise"),
     ({"label_noise": -0.1}, "label_noise"),
+    ({"unlabelled": 1.0}, "unlabelled"),
+    ({"train_length": 0}, "at least one sample"),
+    ({"unlabelled": -0.2}, "unlabelled"),
 ])
 def test_bad_arguments(kwargs, words):
     split = kwargs.pop("split", "train")
@@ -118,3 +121,47 @@ def test_label_noise_swaps_pair_classes_in_train_masks_only():
         a, b = SynthScenes(split, size=64, length=20), SynthScenes(split, size=64, length=20,
                                                                      label_noise=0.3)
         assert all(torch.equal(a[i][1], b[i][1]) for i in range(20))
+
+
+def test_unlabelled_objects_are_ignored_in_train_masks_only():
+    """Partial annotation marks whole objects 255 at the given rate, in the train split
+    only; every other pixel keeps its label and the images never change."""
+    full = SynthScenes("train", size=64, length=120)
+    partial = SynthScenes("train", size=64, length=120, unlabelled=0.5)
+    ignored = objects = 0
+    for i in range(len(full)):
+        (image_f, mask_f), (image_p, mask_p) = full[i], partial[i]
+        assert torch.equal(image_f, image_p)
+        changed = mask_f != mask_p
+        assert (mask_p[changed] == 255).all()  # a skipped object's pixels, nothing else
+        for k in range(1, full.num_classes):
+            if (mask_f == k).any():
+                objects += 1
+                ignored += bool(changed[mask_f == k].any())
+    assert objects > 200
+    assert 0.4 < ignored / objects < 0.6  # about 0.5
+    # The background itself stays labelled: unannotated pixels lie on objects.
+    assert (partial[0][1] == 0).float().mean() > 0.3
+    # Noise and partial annotation draw from their own streams: together, the objects
+    # that stay labelled carry the noisy labels.
+    both = SynthScenes("train", size=64, length=20, label_noise=0.3, unlabelled=0.5)
+    noisy = SynthScenes("train", size=64, length=20, label_noise=0.3)
+    for i in range(20):
+        kept = both[i][1] != 255
+        assert torch.equal(both[i][1][kept], noisy[i][1][kept])
+        assert torch.equal((both[i][1] == 255), (partial[i][1] == 255))
+    for split in ("val", "test"):  # scored against complete masks
+        a, b = SynthScenes(split, size=64, length=20), SynthScenes(split, size=64, length=20,
+                                                                     unlabelled=0.5)
+        assert all(torch.equal(a[i][1], b[i][1]) for i in range(20))
+
+
+def test_train_length_shrinks_the_pool_only():
+    """``train_length`` keeps the first samples of the train split; val and test keep
+    their default sizes, so a smaller pool is scored on the same held-out images."""
+    pool = SynthScenes("train", size=64, train_length=50)
+    assert len(pool) == 50
+    assert torch.equal(pool[49][0], SynthScenes("train", size=64)[49][0])
+    assert len(SynthScenes("val", size=64, train_length=50)) == len(SynthScenes("val"))
+    assert len(SynthScenes("test", size=64, train_length=50)) == len(SynthScenes("test"))
+    assert len(SynthScenes("train", size=64, length=10, train_length=50)) == 10
