@@ -72,6 +72,24 @@ def test_synth_distill_teacher_set_trains_another_teacher(tmp_path):
     teacher_cfg = json.loads((tmp_path / "runs" / "teacher-t6" / "config.json").read_text())
     assert teacher_cfg["steps"] == 6
 
+    # eval_noise on the runs just trained: a pair row with a bootstrap std per test size,
+    # exactly zero for a run against itself, and a RESULTS section naming its command.
+    runs = tmp_path / "runs" / "t6"
+    out = tmp_path / "results.md"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "eval_noise.py"), str(runs / "baseline-s0"),
+         str(runs / "kd-s0"), str(runs / "kd-s0"), str(runs / "kd-s0"), "--images", "16", "32",
+         "--resamples", "20", "--threads", "1", "--out", str(out)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    text = out.read_text()
+    assert "## Test-image noise of paired differences" in text
+    assert "Command: `python benchmarks/eval_noise.py " in text and "20 bootstrap" in text
+    rows = [line for line in text.splitlines() if line.startswith(f"| {runs}")]
+    assert len(rows) == 2
+    assert len(re.findall(r"[+-]\d+\.\d\d \(\d+\.\d\d\)", rows[0])) == 2
+    assert rows[1].count("+0.00 (0.00)") == 2, rows[1]
+
 
 GPU_THROUGHPUT = ROOT / "benchmarks" / "gpu_throughput.py"
 NUMBER = r"\d+\.\d+"
@@ -132,21 +150,3 @@ def test_gpu_throughput_peak_table_and_criteria(monkeypatch):
     assert "2.50x images/s (criterion >= 2x): met" in lines[0]
     assert "25.3 % of 989 TFLOP/s bf16 (criterion >= 30 %): NOT met" in lines[1]
     assert "20.00 GiB" in lines[2]
-
-    # eval_noise on the runs just trained: a pair row with a bootstrap std per test size,
-    # exactly zero for a run against itself, and a RESULTS section naming its command.
-    runs = tmp_path / "runs" / "t6"
-    out = tmp_path / "results.md"
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "eval_noise.py"), str(runs / "baseline-s0"),
-         str(runs / "kd-s0"), str(runs / "kd-s0"), str(runs / "kd-s0"), "--images", "16", "32",
-         "--resamples", "20", "--threads", "1", "--out", str(out)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    text = out.read_text()
-    assert "## Test-image noise of paired differences" in text
-    assert "Command: `python benchmarks/eval_noise.py " in text and "20 bootstrap" in text
-    rows = [line for line in text.splitlines() if line.startswith(f"| {runs}")]
-    assert len(rows) == 2
-    assert len(re.findall(r"[+-]\d+\.\d\d \(\d+\.\d\d\)", rows[0])) == 2
-    assert rows[1].count("+0.00 (0.00)") == 2, rows[1]
