@@ -27,15 +27,16 @@ from .train import config_hash, evaluate, make_trainer, model_from_checkpoint, s
 #: method name -> the ``methods`` of its student run. Weights chosen on val, seed 0, for the
 #: partly annotated recipes (benchmarks/RESULTS.md, "Weight sweeps on partly annotated
 #: SynthScenes"); the layer (encoder stage 2) was chosen on the fully annotated ones ("Which
-#: layer to distil"); FAKD's lambda_0 on val with KD and with NFD at stage 2 (0.1 / 0.3 / 1).
+#: layer to distil"); KD's temperature (1 / 2 / 4) and FAKD's lambda_0 with KD (0.1 / 0.3)
+#: and with NFD at stage 2 (0.1 / 0.3 / 1) on val as well.
 COMPARISON: dict[str, dict] = {
     "baseline": {},
-    "kd": {"kd": {"weight": 1.0, "temperature": 2.0}},
+    "kd": {"kd": {"weight": 1.0, "temperature": 1.0}},
     "mse": {"mse": {"weight": 0.25}},
     "cwd": {"cwd": {"weight": 3.0}},
     "nfd": {"nfd": {"weight": 0.5}},
     "nfd+fakd": {"nfd": {"weight": 0.5}, "fakd": {"lambda_0": 1.0}},
-    "kd+fakd": {"kd": {"weight": 1.0, "temperature": 2.0}, "fakd": {"lambda_0": 0.1}},
+    "kd+fakd": {"kd": {"weight": 1.0, "temperature": 1.0}, "fakd": {"lambda_0": 0.3}},
     # The same losses on the encoder's stride-4 stage instead of the head feature (layer
     # sweep on val: stage 2 is where feature distillation helps this student).
     "mse-stage2": {"mse": {"weight": 64.0, "layer": "stage2"}},
@@ -99,6 +100,7 @@ def train_or_load(cfg: TrainConfig, run_dir: Path, *, fresh: bool = False,
     cached = cache_path(cfg)
     if cached.is_file() and not fresh:
         return model_from_checkpoint(cached, preset=cfg.model), True
+    _set_aside_other_settings(run_dir, cfg)
     trainer = make_trainer(cfg, run_dir, progress=progress, callbacks=callbacks)
     trainer.fit(resume=run_dir.joinpath("config.json").is_file() and not fresh)
     cached.parent.mkdir(parents=True, exist_ok=True)
@@ -106,6 +108,30 @@ def train_or_load(cfg: TrainConfig, run_dir: Path, *, fresh: bool = False,
     tmp.write_bytes((run_dir / "model.pt").read_bytes())
     os.replace(tmp, cached)
     return trainer.model.cpu().eval(), False
+
+
+def _set_aside_other_settings(run_dir: Path, cfg: TrainConfig) -> None:
+    """Keeps one run directory per setting: a run left in ``run_dir`` by other settings (a
+    recipe or ``COMPARISON`` changed since) is renamed ``<name>-<its config hash>``, neither
+    resumed nor deleted, and a run set aside earlier for ``cfg``'s settings comes back, so
+    returning to them resumes it."""
+    def aside(hash_: str) -> Path:
+        return run_dir.with_name(f"{run_dir.name}-{hash_}")
+
+    wanted = config_hash(cfg)
+    saved = run_dir / "config.json"
+    if saved.is_file():
+        held = config_hash(TrainConfig.from_dict(json.loads(saved.read_text())))
+        if held == wanted:
+            return
+        if aside(held).exists():  # an older copy of the same settings: the newer one wins
+            import shutil
+            shutil.rmtree(aside(held))
+        os.replace(run_dir, aside(held))
+        print(f"{run_dir} held a run with other settings: moved to {aside(held)}", flush=True)
+    if aside(wanted).is_dir() and not run_dir.exists():
+        os.replace(aside(wanted), run_dir)
+        print(f"resuming the run set aside in {aside(wanted)}", flush=True)
 
 
 def gap_table(rows: dict[str, dict], teacher: str = "teacher", baseline: str = "baseline") -> str:

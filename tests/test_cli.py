@@ -98,6 +98,32 @@ def test_demo_quick_end_to_end(capsys, tmp_path, monkeypatch):
     assert capsys.readouterr().out.count("loaded from cache") == 3
 
 
+def test_demo_run_left_by_other_settings_is_set_aside_and_comes_back(capsys, tmp_path,
+                                                                    monkeypatch):
+    """After a recipe or COMPARISON change the demo trains the new settings instead of
+    refusing the old run directory, and keeps that run: returning to it resumes it."""
+    from kdnb.demo import student_config, train_or_load
+    from kdnb.train import config_hash
+
+    monkeypatch.setenv("KDNB_DATA", str(tmp_path / "data"))
+    run_dir = tmp_path / "demo" / "baseline"
+    old = student_config({}, quick=True, steps=6, ckpt_every=3)
+    new = student_config({}, quick=True, steps=4)
+    train_or_load(old, run_dir, progress=False)
+    (tmp_path / "data" / "checkpoints").joinpath(f"{old.model}-{config_hash(old)}.pt").unlink()
+    train_or_load(new, run_dir, progress=False)
+    assert f"moved to {run_dir}-{config_hash(old)}" in capsys.readouterr().out
+    assert json.loads((run_dir / "config.json").read_text())["steps"] == 4
+    aside = tmp_path / "demo" / f"baseline-{config_hash(old)}"
+    assert json.loads((aside / "config.json").read_text())["steps"] == 6
+    assert (aside / "model.pt").is_file()
+    train_or_load(old, run_dir, progress=False)  # the old settings again: their run returns
+    out = capsys.readouterr().out
+    assert f"resuming the run set aside in {aside}" in out
+    assert json.loads((run_dir / "config.json").read_text())["steps"] == 6
+    assert (tmp_path / "demo" / f"baseline-{config_hash(new)}" / "model.pt").is_file()
+
+
 def test_demo_refuses_an_unknown_method(capsys, tmp_path):
     assert main(["demo", "--quick", "--out", str(tmp_path / "demo"),
                  "--methods", "baseline,nope"]) == 2
