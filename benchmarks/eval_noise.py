@@ -12,6 +12,7 @@ split, not the methods. Prints a table and appends it to benchmarks/RESULTS.md.
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 
@@ -70,7 +71,6 @@ def main() -> None:
     parser.add_argument("--images", nargs="+", type=int, default=[500, 4000],
                         help="test-split sizes to measure (the first N test images)")
     parser.add_argument("--resamples", type=int, default=300)
-    parser.add_argument("--size", type=int, default=64, help="SynthScenes image size")
     parser.add_argument("--threads", type=int)
     parser.add_argument("--no-write", action="store_true")
     parser.add_argument("--out", default=str(Path(__file__).with_name("RESULTS.md")))
@@ -80,7 +80,16 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    test = build_dataset("synth", split="test", size=args.size, length=max(args.images))
+    # The test split the runs were trained for: their dataset settings, which must agree.
+    settings = {r: json.loads((Path(r) / "config.json").read_text()) for r in args.runs}
+    data = {(c.get("data", "synth"), json.dumps(c.get("data_kwargs", {}), sort_keys=True))
+            for c in settings.values()}
+    if len(data) > 1 or next(iter(data))[0] != "synth":
+        raise SystemExit(f"the runs must share one SynthScenes setting to be scored on one "
+                         f"test split; they have {sorted(data)}")
+    data_kwargs = {k: v for k, v in json.loads(next(iter(data))[1]).items()
+                   if k not in ("length", "train_length")}
+    test = build_dataset("synth", split="test", **data_kwargs, length=max(args.images))
     lines = ["| A | B | " + " | ".join(f"B - A on {n} (bootstrap std)" for n in args.images) + " |",
              "|---|---|" + "---:|" * len(args.images)]
     for run_a, run_b in zip(args.runs[::2], args.runs[1::2]):

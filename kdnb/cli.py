@@ -84,7 +84,7 @@ def config_from_args(args) -> TrainConfig:
                                    ("data-arg", data_kwargs, "unlabelled=0")):
         for item in getattr(args, flag.replace("-", "_")) or []:
             key, eq, text = item.partition("=")
-            if not eq:
+            if not eq or not key.strip():
                 raise ValueError(f"--{flag} {item!r}: expected KEY=VALUE, e.g. {example}")
             value = parse_value(text)
             if isinstance(value, float) and value.is_integer() and "." not in text:

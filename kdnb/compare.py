@@ -30,21 +30,21 @@ def read_run(run_dir: str | Path, split: str = "val", label: str | None = None) 
     Runs are grouped by ``methods``: :func:`method_label` (``"fakd+nfd"``,
     ``"mse@stage2"``), or ``label`` when given (two settings of one loss, e.g. ``"kd-t1"`` and ``"kd"``).
 
-    The mIoU comes from ``<split>.json`` (``kdnb eval --split test --json RUN/test.json``,
-    an evaluation made after training, on the split as it is now), else from
-    ``final.json`` when the run evaluated ``split`` at its end.
+    The mIoU comes from ``<split>.json`` (``kdnb eval --split test --json RUN/test.json``)
+    or from ``final.json`` when the run evaluated ``split`` at its end, whichever was
+    written last.
     """
     run_dir = Path(run_dir)
     config_path = run_dir / "config.json"
     if not config_path.is_file():
         raise FileNotFoundError(f"{run_dir} is not a kdnb run directory (no config.json)")
     cfg = json.loads(config_path.read_text())
-    result = None
-    final = run_dir / "final.json"
-    if (run_dir / f"{split}.json").is_file():
-        result = json.loads((run_dir / f"{split}.json").read_text())
-    elif final.is_file() and json.loads(final.read_text()).get("split") == split:
-        result = json.loads(final.read_text())
+    # The latest evaluation of the split wins: a run retrained after `kdnb eval` wrote
+    # <split>.json ends with a newer final.json.
+    scores = [f for f in (run_dir / f"{split}.json", run_dir / "final.json") if f.is_file()]
+    scores = [(f.stat().st_mtime, json.loads(f.read_text())) for f in scores]
+    scores = [(t, r) for t, r in scores if r.get("split", split) == split]
+    result = max(scores, key=lambda s: s[0])[1] if scores else None
     if result is None:
         raise FileNotFoundError(f"{run_dir} has no {split} result: run `kdnb eval --ckpt "
                                 f"{run_dir / 'model.pt'} --split {split} --json "

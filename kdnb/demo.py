@@ -22,7 +22,8 @@ import torch
 from .config import TrainConfig, get_recipe
 from .data import build_dataset, data_root
 from .models import SegModel
-from .train import config_hash, evaluate, make_trainer, model_from_checkpoint, seed_everything
+from .train import (RESUME_MAY_CHANGE, config_differences, config_hash, evaluate, make_trainer,
+                    model_from_checkpoint, saved_config, seed_everything)
 
 #: method name -> the ``methods`` of its student run. Weights chosen on val, seed 0, for the
 #: partly annotated recipes (benchmarks/RESULTS.md, "Weight sweeps on partly annotated
@@ -112,26 +113,31 @@ def train_or_load(cfg: TrainConfig, run_dir: Path, *, fresh: bool = False,
 
 def _set_aside_other_settings(run_dir: Path, cfg: TrainConfig) -> None:
     """Keeps one run directory per setting: a run left in ``run_dir`` by other settings (a
-    recipe or ``COMPARISON`` changed since) is renamed ``<name>-<its config hash>``, neither
-    resumed nor deleted, and a run set aside earlier for ``cfg``'s settings comes back, so
-    returning to them resumes it."""
-    def aside(hash_: str) -> Path:
-        return run_dir.with_name(f"{run_dir.name}-{hash_}")
+    recipe or ``COMPARISON`` changed since, another data root) is renamed
+    ``<name>-<key of its settings>``, neither resumed nor deleted, and a run set aside
+    earlier for ``cfg``'s settings comes back, so returning to them resumes it."""
+    import hashlib
+    import shutil
 
-    wanted = config_hash(cfg)
-    saved = run_dir / "config.json"
-    if saved.is_file():
-        held = config_hash(TrainConfig.from_dict(json.loads(saved.read_text())))
-        if held == wanted:
+    def aside(settings: dict) -> Path:
+        kept = {k: v for k, v in settings.items() if k not in RESUME_MAY_CHANGE}
+        key = hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:10]
+        return run_dir.with_name(f"{run_dir.name}-{key}")
+
+    wanted = aside(json.loads(json.dumps(cfg.to_dict())))
+    saved = saved_config(run_dir / "config.json")
+    if saved is not None:
+        if not config_differences(saved, cfg):
             return
-        if aside(held).exists():  # an older copy of the same settings: the newer one wins
-            import shutil
-            shutil.rmtree(aside(held))
-        os.replace(run_dir, aside(held))
-        print(f"{run_dir} held a run with other settings: moved to {aside(held)}", flush=True)
-    if aside(wanted).is_dir() and not run_dir.exists():
-        os.replace(aside(wanted), run_dir)
-        print(f"resuming the run set aside in {aside(wanted)}", flush=True)
+        if aside(saved).exists():  # an older copy of the same settings: the newer one wins
+            shutil.rmtree(aside(saved))
+        os.replace(run_dir, aside(saved))
+        print(f"{run_dir} held a run with other settings: moved to {aside(saved)}", flush=True)
+    if wanted.is_dir():
+        if run_dir.exists():  # no config.json: a run killed before it wrote one, nothing to keep
+            shutil.rmtree(run_dir)
+        os.replace(wanted, run_dir)
+        print(f"resuming the run set aside in {wanted}", flush=True)
 
 
 def gap_table(rows: dict[str, dict], teacher: str = "teacher", baseline: str = "baseline") -> str:

@@ -441,6 +441,32 @@ def config_hash(cfg: TrainConfig) -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=list).encode()).hexdigest()[:10]
 
 
+#: Config fields a resumed run may change (everything else must match the saved run).
+RESUME_MAY_CHANGE = ("skip_nonfinite",)
+
+
+def saved_config(path: Path) -> dict | None:
+    """A run's ``config.json`` as a dict, fields added to kdnb since it was written at their
+    defaults; ``None`` when there is no such file."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        saved = json.loads(path.read_text())
+    except ValueError as err:
+        raise ValueError(f"{path} is not valid JSON ({err}): restore it, or use a new "
+                         "--run-dir") from err
+    return {**json.loads(json.dumps(TrainConfig().to_dict())), **saved}
+
+
+def config_differences(saved: dict, cfg: TrainConfig) -> list[str]:
+    """The fields in which ``cfg`` differs from a saved run's config (those a resume may
+    change left out): a run resumes only when this is empty."""
+    current = json.loads(json.dumps(cfg.to_dict()))
+    return sorted(k for k in set(saved) | set(current)
+                  if saved.get(k) != current.get(k) and k not in RESUME_MAY_CHANGE)
+
+
 class Trainer:
     """Supervised training of one model (a teacher, or a student baseline).
 
@@ -644,23 +670,14 @@ class Trainer:
         return False
 
     #: settings a resumed run may change: a step that completes normally is the same either way
-    RESUME_MAY_CHANGE = ("skip_nonfinite",)
+    RESUME_MAY_CHANGE = RESUME_MAY_CHANGE
 
     def _check_config(self) -> None:
         path = self.run_dir / "config.json"
         current = json.loads(json.dumps(self.cfg.to_dict()))
-        saved = None
-        if path.is_file():
-            try:
-                saved = json.loads(path.read_text())
-            except ValueError as err:
-                raise ValueError(f"{path} is not valid JSON ({err}): restore it, or use a new "
-                                 "--run-dir") from err
-            # fields added to kdnb since that run was written take their default
-            saved = {**json.loads(json.dumps(TrainConfig().to_dict())), **saved}
+        saved = saved_config(path)
         if saved is not None:
-            diff = sorted(k for k in set(saved) | set(current)
-                          if saved.get(k) != current.get(k) and k not in self.RESUME_MAY_CHANGE)
+            diff = config_differences(saved, self.cfg)
             if diff:
                 raise ValueError(f"{self.run_dir} holds a run with another config (differs in "
                                  f"{diff}): resume with the same settings or use a new --run-dir")

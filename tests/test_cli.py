@@ -75,6 +75,8 @@ def test_data_and_model_args_reach_the_config():
     assert config("--recipe", "synth-teacher", "--data", "voc").data_kwargs == {}
     with pytest.raises(ValueError, match="--data-arg 'unlabelled': expected KEY=VALUE"):
         config("--data-arg", "unlabelled")
+    with pytest.raises(ValueError, match="--data-arg .=3.: expected KEY=VALUE"):
+        config("--data-arg", "=3")
 
 
 def test_demo_quick_end_to_end(capsys, tmp_path, monkeypatch):
@@ -111,17 +113,28 @@ def test_demo_run_left_by_other_settings_is_set_aside_and_comes_back(capsys, tmp
     new = student_config({}, quick=True, steps=4)
     train_or_load(old, run_dir, progress=False)
     (tmp_path / "data" / "checkpoints").joinpath(f"{old.model}-{config_hash(old)}.pt").unlink()
+    trained_old = (run_dir / "metrics.jsonl").read_text()
     train_or_load(new, run_dir, progress=False)
-    assert f"moved to {run_dir}-{config_hash(old)}" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    asides = [p for p in (tmp_path / "demo").iterdir() if p.name.startswith("baseline-")]
+    assert len(asides) == 1 and f"moved to {asides[0]}" in out
+    aside = asides[0]
     assert json.loads((run_dir / "config.json").read_text())["steps"] == 4
-    aside = tmp_path / "demo" / f"baseline-{config_hash(old)}"
     assert json.loads((aside / "config.json").read_text())["steps"] == 6
     assert (aside / "model.pt").is_file()
     train_or_load(old, run_dir, progress=False)  # the old settings again: their run returns
     out = capsys.readouterr().out
     assert f"resuming the run set aside in {aside}" in out
     assert json.loads((run_dir / "config.json").read_text())["steps"] == 6
-    assert (tmp_path / "demo" / f"baseline-{config_hash(new)}" / "model.pt").is_file()
+    assert (run_dir / "metrics.jsonl").read_text() == trained_old  # resumed, nothing retrained
+    assert len([p for p in (tmp_path / "demo").iterdir() if p.name.startswith("baseline-")]) == 1
+    # Settings outside the weights' hash (how often it logs; the teacher's folder) are
+    # other settings to a resume too: the demo sets the run aside instead of refusing it.
+    moved = student_config({}, quick=True, steps=6, ckpt_every=3, log_every=1)
+    assert config_hash(moved) == config_hash(old)
+    (tmp_path / "data" / "checkpoints").joinpath(f"{old.model}-{config_hash(old)}.pt").unlink()
+    train_or_load(moved, run_dir, progress=False)
+    assert "moved to" in capsys.readouterr().out
 
 
 def test_demo_refuses_an_unknown_method(capsys, tmp_path):

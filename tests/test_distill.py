@@ -204,6 +204,24 @@ def test_compare_without_the_split_says_how_to_get_it(tmp_path):
         read_run(run, "test")
 
 
+def test_compare_reads_the_latest_evaluation_of_the_split(tmp_path):
+    """<split>.json written by `kdnb eval` after training wins over final.json; a run
+    retrained after that (a newer final.json) is read from its new final.json."""
+    import json
+    import os
+
+    from kdnb.compare import read_run
+
+    run = _fake_run(tmp_path, "r", {}, 0, 0.30, split="val")
+    (run / "val.json").write_text(json.dumps({"split": "val", "miou": 0.35, "iou": [0.35]}))
+    os.utime(run / "final.json", (1_000_000, 1_000_000))
+    assert read_run(run, "val")["miou"] == pytest.approx(35.0)
+    os.utime(run / "val.json", (500_000, 500_000))  # the run was trained again since
+    assert read_run(run, "val")["miou"] == pytest.approx(30.0)
+    (run / "test.json").write_text(json.dumps({"split": "test", "miou": 0.2, "iou": [0.2]}))
+    assert read_run(run, "test")["miou"] == pytest.approx(20.0)  # final.json holds val only
+
+
 def test_cached_teacher_outputs_equal_the_live_ones(tmp_path, teacher_ckpt):
     """With a fixed pool the teacher's outputs are computed once: they equal a live forward
     (to float tolerance: batch size changes the summation order), and so does the loss."""
