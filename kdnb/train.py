@@ -441,7 +441,8 @@ def config_hash(cfg: TrainConfig) -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=list).encode()).hexdigest()[:10]
 
 
-#: Config fields a resumed run may change (everything else must match the saved run).
+#: Config fields a resumed run may change (everything else must match the saved run): a step
+#: that completes normally is the same either way.
 RESUME_MAY_CHANGE = ("skip_nonfinite",)
 
 
@@ -668,9 +669,6 @@ class Trainer:
                                   f"({', '.join(skipped)}; the warnings say why): start again "
                                   "in a new --run-dir, or delete them to train here from step 0")
         return False
-
-    #: settings a resumed run may change: a step that completes normally is the same either way
-    RESUME_MAY_CHANGE = RESUME_MAY_CHANGE
 
     def _check_config(self) -> None:
         path = self.run_dir / "config.json"
