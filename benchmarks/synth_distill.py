@@ -221,5 +221,6 @@ def main() -> None:
         append_section(args.out, title, wall, report,
                        note="teacher outputs cached: fixed pool, no flip")
 
+
 if __name__ == "__main__":
     main()

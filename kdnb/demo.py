@@ -101,7 +101,8 @@ def train_or_load(cfg: TrainConfig, run_dir: Path, *, fresh: bool = False,
     cached = cache_path(cfg)
     if cached.is_file() and not fresh:
         return model_from_checkpoint(cached, preset=cfg.model), True
-    _set_aside_other_settings(run_dir, cfg)
+    if not fresh:  # a fresh run starts over wherever it is
+        _set_aside_other_settings(run_dir, cfg)
     trainer = make_trainer(cfg, run_dir, progress=progress, callbacks=callbacks)
     trainer.fit(resume=run_dir.joinpath("config.json").is_file() and not fresh)
     cached.parent.mkdir(parents=True, exist_ok=True)
