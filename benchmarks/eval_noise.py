@@ -21,7 +21,7 @@ import torch
 
 from kdnb.data import build_dataset
 from kdnb.metrics import SegMetric
-from kdnb.train import model_from_checkpoint
+from kdnb.checkpoint import model_from_checkpoint
 
 from _results import append_section  # benchmarks/_results.py
 
@@ -88,7 +88,7 @@ def main() -> None:
         raise SystemExit(f"the runs must share one SynthScenes setting to be scored on one "
                          f"test split; they have {sorted(data)}")
     data_kwargs = {k: v for k, v in json.loads(next(iter(data))[1]).items()
-                   if k not in ("length", "train_length")}
+                   if k != "length"}
     test = build_dataset("synth", split="test", **data_kwargs, length=max(args.images))
     lines = ["| A | B | " + " | ".join(f"B - A on {n} (bootstrap std)" for n in args.images) + " |",
              "|---|---|" + "---:|" * len(args.images)]

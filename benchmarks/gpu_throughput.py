@@ -5,7 +5,7 @@
     python benchmarks/gpu_throughput.py --quick --no-write     # seconds on one CPU thread (tests/)
 
 The step is everything one optimizer step costs: the teacher's forward, the student's
-forward and backward, the losses and the optimizer. The pair is METHODS.md's
+forward and backward, the losses and the optimizer. The pair is docs/METHODS.md's
 DeepLabV3-R101 -> DeepLabV3-R18 at 512x1024, batch 8, random init, on a synthetic batch
 that already lives on the GPU (random images, 8x8-pixel blocks of random labels, 5 %
 ignored, so that every class is present and the per-class work of FAKD and IFVD is at
@@ -21,17 +21,18 @@ its largest). Printed and appended to benchmarks/RESULTS.md (``--no-write`` skip
     zero placeholders ``torch.tensor(0.).to(device)`` that CIRKD allocates every step for
     the losses switched off, a poly learning rate set by hand, and ``.item()`` on every
     logged term every step;
-  - ``kdnb-fp32``, ``kdnb-bf16``, ``kdnb``: :meth:`kdnb.train.DistillTrainer.train_step`
-    itself, called from the body of :meth:`kdnb.train.Trainer.fit`'s loop, with
+  - ``kdnb-fp32``, ``kdnb-bf16``, ``kdnb``: the body of :meth:`kdnb.train.Trainer.fit`'s
+    loop itself (:meth:`kdnb.train.Trainer.run_step`, which computes
+    :func:`kdnb.distill.distill_step`, then runs backward and the optimizer), on a trainer
+    built by :func:`kdnb.build.build_trainer` with the models and the batch handed in, with
     autocast and channels-last off, autocast on, both on (``kdnb`` is kdnb's default
     config). The teacher runs under ``torch.inference_mode``. kdnb enables autocast and
     channels-last only on CUDA, so on a CPU these three rows run the same code;
   - ``kdnb-cudnn-benchmark`` (CUDA): ``kdnb`` with ``torch.backends.cudnn.benchmark``,
     which kdnb does not set;
-  - ``kdnb-compile`` (``--compile``): ``kdnb`` with the encoders and decoders of both
-    networks compiled in place (``nn.Module.compile``; the classifier stays eager because
-    kdnb's feature hooks sit on it);
-  - ``kdnb-loader``: ``kdnb`` fed by the loader ``Trainer.fit`` builds (StepSampler,
+  - ``kdnb-compile`` (``--compile``): ``kdnb`` with both networks compiled in place
+    (``nn.Module.compile``; their forward passes have no hooks);
+  - ``kdnb-loader``: ``kdnb`` fed by the loader ``Trainer.fit`` uses (``Trainer.loader``: StepSampler,
     ``collate``, pinned memory on CUDA, ``--workers`` processes) over PNG files written
     to a temporary folder (Cityscapes-sized, 1024x2048, with kdnb's training transform:
     scale 0.5-2, crop, flip), and ``loader-only``: that loader alone, to see whether it
@@ -72,7 +73,6 @@ import datetime
 import gc
 import os
 import re
-import shlex
 import shutil
 import statistics
 import sys
@@ -86,22 +86,21 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import Dataset
 from torch.utils.flop_counter import FlopCounterMode
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmark scripts
-from loss_overhead import count_host_syncs, device_name, random_masks  # noqa: E402
 from kdnb import __version__ as kdnb_version
+from kdnb.build import build_trainer
 from kdnb.config import TrainConfig
-from kdnb.data import SegmentationFolder
+from kdnb.data import IGNORE_INDEX, SegmentationFolder
 from kdnb.data.transforms import Augmented, TrainTransform
 from kdnb.features import forward_with_head
-from kdnb.losses import METHODS, build_losses
 from kdnb.models import build_model
-from kdnb.train import (DistillTrainer, StepSampler, build_optimizer, collate, poly_lambda,
-                        resolve_methods, split_layers)
+from kdnb.train import Trainer
 
-IGNORE_INDEX = 255
+from _results import append_text, command_line  # benchmarks/_results.py
+from _measure import (FAKD_DIFFS, LOSS_ROWS, add_common_arguments, count_host_syncs,
+                      device_name, random_masks, resolve_common_arguments)
 
 #: Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s, matched in order against
 #: ``torch.cuda.get_device_name()``; anything else needs ``--peak-tflops``.
@@ -118,7 +117,7 @@ PEAK_BF16_TFLOPS: tuple[tuple[str, str, float], ...] = (
 class Variant:
     """What one row of the variant table runs (see the module docstring)."""
 
-    step: str = "kdnb"            # "kdnb" (DistillTrainer.train_step) or "reference"
+    step: str = "kdnb"            # "kdnb" (Trainer.run_step) or "reference"
     amp: bool = True              # bf16 autocast (kdnb: CUDA only)
     channels_last: bool = True    # channels-last models and images (kdnb: CUDA only)
     cudnn_benchmark: bool = False
@@ -141,19 +140,6 @@ VARIANTS: dict[str, Variant] = {
 }
 REFERENCE, KDNB = "reference-fp32", "kdnb"
 
-#: loss-overhead rows: label -> methods dict for TrainConfig (kdnb.train.resolve_methods
-#: folds fakd into the loss it augments, as DistillTrainer does).
-LOSS_ROWS: dict[str, dict] = {
-    "base": {},
-    **{name: {name: None} for name in METHODS if name != "fakd"},
-    "kd+fakd (full)": {"kd": None, "fakd": {}},
-    "kd+fakd (diag)": {"kd": None, "fakd": {"diagonal": True}},
-    "nfd+fakd (full)": {"nfd": None, "fakd": {}},
-    "nfd+fakd (diag)": {"nfd": None, "fakd": {"diagonal": True}},
-}
-#: FAKD rows against the loss they replace.
-FAKD_DIFFS = (("kd+fakd (full)", "kd"), ("kd+fakd (diag)", "kd"),
-              ("nfd+fakd (full)", "nfd"), ("nfd+fakd (diag)", "nfd"))
 #: acceptance: (row, K, at most this % of the step with the loss FAKD replaces)
 FAKD_CRITERIA = (("kd+fakd (full)", "kd", 19, 5.0), ("kd+fakd (full)", "kd", 150, 15.0))
 SPEEDUP_CRITERION, MFU_CRITERION = 2.0, 30.0
@@ -163,8 +149,6 @@ SPEEDUP_CRITERION, MFU_CRITERION = 2.0, 30.0
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
-                        help="auto (the default): CUDA when available")
     parser.add_argument("--teacher", default=None,
                         help="teacher preset (default: deeplabv3-r101; synth-teacher with --quick)")
     parser.add_argument("--student", default=None,
@@ -209,22 +193,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--profile-rows", type=int, default=25, help="(default: 25)")
     parser.add_argument("--trace", type=Path, default=None,
                         help="with --profile: also write a Chrome trace here")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (default: torch's, 1 with --quick)")
-    parser.add_argument("--seed", type=int, default=0, help="(default: 0)")
-    parser.add_argument("--quick", action="store_true",
-                        help="SynthScenes presets, tiny sizes, 2 steps: checks that the script "
-                             "runs, its numbers mean nothing")
-    parser.add_argument("--no-write", action="store_true", help="print only")
-    parser.add_argument("--out", type=Path, default=Path(__file__).with_name("RESULTS.md"),
-                        help="markdown file to append to (default: benchmarks/RESULTS.md)")
+    add_common_arguments(parser, "SynthScenes presets, tiny sizes, 2 steps: checks that the "
+                                 "script runs, its numbers mean nothing")
     args = parser.parse_args(argv)
 
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    elif args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda, but CUDA is not available here")
-    cuda = args.device == "cuda"
+    cuda = resolve_common_arguments(parser, args)
     big = cuda and not args.quick  # the acceptance setting
     args.teacher = args.teacher or ("synth-teacher" if args.quick else "deeplabv3-r101")
     args.student = args.student or ("synth-student" if args.quick else "deeplabv3-r18")
@@ -239,8 +212,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.workers = min(8, os.cpu_count() or 1) if big else 1
     args.loader_files = args.loader_files or 2 * args.batch
     args.source_size = args.source_size or ([1024, 2048] if big else [2 * s for s in args.size])
-    if args.threads is None and args.quick:
-        args.threads = 1
     if args.variants is None:
         args.variants = ["reference-fp32", "kdnb-fp32", "kdnb-bf16", "kdnb"]
         if cuda:
@@ -372,14 +343,6 @@ def write_png_dataset(folder: Path, files: int, size: tuple[int, int], num_class
                               palette=[(0, 0, 0)] * num_classes)
 
 
-def kdnb_loader(dataset, args, steps: int, cuda: bool) -> DataLoader:
-    """The loader :meth:`kdnb.train.Trainer.fit` builds, over ``dataset``."""
-    sampler = StepSampler(len(dataset), args.batch, steps, seed=args.seed)
-    return DataLoader(dataset, batch_sampler=sampler, num_workers=args.workers,
-                      collate_fn=collate, pin_memory=cuda,
-                      generator=torch.Generator().manual_seed(args.seed))
-
-
 # --------------------------------------------------------------------------- models
 
 @dataclass
@@ -421,71 +384,47 @@ def build_pair(args, classes: int, device: torch.device, images: torch.Tensor) -
 
 
 def compile_in_place(model: nn.Module, mode: str | None) -> None:
-    """Compiles the encoder and the decoder of a SegModel; the head stays eager, because
-    kdnb's FeatureRecorder adds hooks to the classifier at every call."""
-    for name in ("encoder", "decoder"):
-        model.net.get_submodule(name).compile(mode=mode)
+    """Compiles a SegModel in place (``nn.Module.compile``): its forward pass has no hooks."""
+    model.compile(mode=mode)
 
 
 # --------------------------------------------------------------------------- kdnb's step
 
-def kdnb_trainer(cfg: TrainConfig, teacher: nn.Module, student: nn.Module, classes: int,
-                 device: torch.device) -> DistillTrainer:
-    """A :class:`kdnb.train.DistillTrainer` whose ``train_step`` runs unchanged.
+class BatchDataset(Dataset):
+    """The synthetic batch as a dataset: what a trainer is handed when no loader runs."""
 
-    ``DistillTrainer.__init__`` needs a dataset on disk and a teacher checkpoint; this
-    sets, the same way, the attributes the step reads: models on the device (the teacher
-    frozen in eval mode, channels-last when the config asks on CUDA), the losses from
-    ``resolve_methods`` + ``build_losses``, the optimizer over student and losses, the
-    poly schedule.
-    """
-    trainer = DistillTrainer.__new__(DistillTrainer)
-    trainer.cfg, trainer.device, trainer.cuda = cfg, device, device.type == "cuda"
-    trainer.rank, trainer.world, trainer.num_classes = 0, 1, classes
-    trainer.step, trainer.step_skipped = 0, False
-    trainer.last_checkpoint, trainer._first_bad = None, None
-    trainer.callbacks, trainer.progress = [], False
-    student = student.to(device)
-    teacher = teacher.to(device).eval().requires_grad_(False)
-    if trainer.cuda and cfg.channels_last:
-        student = student.to(memory_format=torch.channels_last)
-        teacher = teacher.to(memory_format=torch.channels_last)
-    trainer.model = trainer.ddp = student
-    trainer.teacher, trainer.teacher_cache = teacher, None
-    spec, trainer.layers = split_layers(resolve_methods(cfg.methods))  # the head feature
-    trainer.stages = []
-    trainer.losses = build_losses(spec, student_channels=student.classifier.in_channels,
-                                  teacher_channels=teacher.classifier.in_channels,
-                                  num_classes=classes).to(device)
-    trainer.optimizer = build_optimizer(nn.ModuleList([trainer.model, trainer.losses]), cfg)
-    trainer.scheduler = torch.optim.lr_scheduler.LambdaLR(
-        trainer.optimizer, poly_lambda(cfg.steps, cfg.poly_power, cfg.warmup_steps))
-    trainer.train_mode()
-    return trainer
+    def __init__(self, images: torch.Tensor, masks: torch.Tensor, num_classes: int):
+        self.images, self.masks, self.num_classes = images.cpu(), masks.cpu(), num_classes
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, key):
+        index = key if isinstance(key, int) else key[0]
+        return self.images[index], self.masks[index]
+
+
+def kdnb_trainer(cfg: TrainConfig, teacher: nn.Module, student: nn.Module,
+                 train_set: Dataset) -> Trainer:
+    """kdnb's trainer for the in-memory pair, built by :func:`kdnb.build.build_trainer`
+    (the models and the data handed in; everything else from ``cfg``)."""
+    return build_trainer(cfg, tempfile.gettempdir(), model=student, teacher=teacher,
+                         train_set=train_set, eval_set=train_set, progress=False)
 
 
 def kdnb_config(args, classes: int, methods: dict, variant: Variant) -> TrainConfig:
     data = {19: "cityscapes", 150: "ade20k"}.get(classes, "synth")
     return TrainConfig(model=args.student, data=data, teacher="(in memory)", methods=methods,
                        batch_size=args.batch, steps=1_000_000, amp=variant.amp,
-                       channels_last=variant.channels_last, workers=args.workers, seed=args.seed)
+                       channels_last=variant.channels_last, workers=args.workers, seed=args.seed,
+                       device=str(torch.device(args.device)))
 
 
-def kdnb_fit_step(trainer: DistillTrainer, images: torch.Tensor, masks: torch.Tensor,
+def kdnb_fit_step(trainer: Trainer, images: torch.Tensor, masks: torch.Tensor,
                   sums: dict) -> None:
-    """The body of ``Trainer.fit``'s loop for one batch (kdnb/train.py, ``for images,
-    masks, *extra in loader``), without what it does every ``log_every`` steps (one
-    host sync to read the summed losses)."""
-    cfg = trainer.cfg
-    images = images.to(trainer.device, non_blocking=True)
-    masks = masks.to(trainer.device, non_blocking=True)
-    if trainer.cuda and cfg.channels_last:
-        images = images.contiguous(memory_format=torch.channels_last)
-    trainer.step_skipped = False
-    losses = trainer.train_step(images, masks)
-    trainer.scheduler.step()
-    trainer.step += 1
-    trainer._watch_losses(losses)
+    """One iteration of ``Trainer.fit``'s loop (:meth:`kdnb.train.Trainer.run_step`), without
+    what it does every ``log_every`` steps (one host sync to read the summed losses)."""
+    losses = trainer.run_step(images, masks)
     for k, v in losses.items():  # summed on the device, as fit does
         sums[k] = sums[k] + v if k in sums else v.clone()
 
@@ -574,7 +513,8 @@ def run_variant(name: str, args, pair: Pair, batch: tuple[torch.Tensor, torch.Te
             runner = ReferenceStep(teacher, student, cfg, device, teacher_grad=variant.teacher_grad)
             step_on = runner
         else:
-            runner = kdnb_trainer(cfg, teacher, student, pair.classes, device)
+            data = dataset if variant.loader else BatchDataset(images, masks, pair.classes)
+            runner = kdnb_trainer(cfg, teacher, student, data)
             if variant.compile:
                 compile_in_place(runner.teacher, args.compile_mode)
                 compile_in_place(runner.model, args.compile_mode)
@@ -584,12 +524,11 @@ def run_variant(name: str, args, pair: Pair, batch: tuple[torch.Tensor, torch.Te
                 kdnb_fit_step(runner, x, y, sums)
 
         warmup = args.warmup + (3 if variant.compile else 0)
-        timed = args.repeats * args.steps
         if variant.loader:
             # The loader prefetches workers x 2 batches: skip past them, so the timed
             # steps wait for batches made while the step runs.
             warmup += 2 * max(args.workers, 1)
-            loader = iter(kdnb_loader(dataset, args, warmup + timed + 10, cuda))
+            loader = iter(runner.loader())
 
             def step() -> None:
                 x, y = next(loader)
@@ -624,8 +563,10 @@ def run_loader_only(args, dataset, device: torch.device) -> Row:
     """kdnb's loader alone (with the copy to the device): can it feed the step?"""
     cuda = device.type == "cuda"
     ahead = 2 * max(args.workers, 1)
-    timed = args.repeats * args.steps
-    loader = iter(kdnb_loader(dataset, args, ahead + args.warmup + timed + 1, cuda))
+    cfg = kdnb_config(args, dataset.num_classes, {}, VARIANTS[KDNB]).replace(teacher=None)
+    student = build_model(args.student, dataset.num_classes)
+    loader = iter(build_trainer(cfg, tempfile.gettempdir(), model=student, train_set=dataset,
+                                eval_set=dataset, progress=False).loader())
 
     def step() -> None:
         x, y = next(loader)
@@ -668,10 +609,11 @@ def run_losses(args, pair: Pair, device: torch.device) -> dict:
     masks = random_masks(args.batch, tuple(args.size), pair.classes, device, gen)
     variant = VARIANTS[KDNB]
     teacher, student = copy.deepcopy(pair.teacher), copy.deepcopy(pair.student)
+    data = BatchDataset(images, masks, pair.classes)
     steps, sums = {}, {}
     for label, methods in LOSS_ROWS.items():
         trainer = kdnb_trainer(kdnb_config(args, pair.classes, methods, variant),
-                               teacher, student, pair.classes, device)
+                               teacher, student, data)
         trainer.step = trainer.cfg.steps // 2  # FAKD's lambda mid-schedule (cost is the same)
         teacher, student = trainer.teacher, trainer.model  # shared by every row
         sums[label] = {}
@@ -820,16 +762,13 @@ def markdown_losses(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     # The acceptance criteria hold for the paper pair at full size on a GPU only.
     judged = (cuda and not args.quick and args.size == [512, 1024] and args.batch == 8
               and (args.teacher, args.student) == ("deeplabv3-r101", "deeplabv3-r18"))
-    command = "python benchmarks/gpu_throughput.py" + "".join(
-        " " + shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    command = command_line(argv)
     started = time.perf_counter()
 
     machine = device_name(device, threads)
@@ -973,10 +912,7 @@ def main(argv: list[str] | None = None) -> int:
         if "profile" in extras:
             name, text = extras["profile"]
             parts += [f"\n### Profile of {name}, top ops\n", "```text", text.rstrip(), "```"]
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        with open(args.out, "a") as fh:
-            fh.write("\n".join(parts) + "\n")
-        print(f"appended to {args.out}")
+        append_text(args.out, "\n".join(parts))
     return 0
 
 

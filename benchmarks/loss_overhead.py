@@ -54,32 +54,23 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import platform
-import shlex
 import statistics
 import sys
 import time
-import warnings
-from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 from kdnb import __version__ as kdnb_version
+from kdnb.distill import task_loss
 from kdnb.features import forward_with_head
-from kdnb.losses import FAKDLoss, build_losses
+from kdnb.losses import build_losses, resolve_methods
 from kdnb.models import build_model
 
-IGNORE_INDEX = 255
-METHOD_NAMES = ("kd", "cwd", "dist", "mse", "at", "nfd", "skd", "ifvd")
-# label -> (FAKDLoss options, the loss it replaces)
-FAKD_VARIANTS = {
-    "kd+fakd (full)": ({"on": "logits", "diagonal": False}, "kd"),
-    "kd+fakd (diag)": ({"on": "logits", "diagonal": True}, "kd"),
-    "nfd+fakd (full)": ({"on": "nfd", "diagonal": False}, "nfd"),
-    "nfd+fakd (diag)": ({"on": "nfd", "diagonal": True}, "nfd"),
-}
+from _results import append_text, command_line  # benchmarks/_results.py
+from _measure import (FAKD_DIFFS, LOSS_ROWS, add_common_arguments, count_host_syncs,
+                      device_name, random_masks, resolve_common_arguments)
+
 CRITERION = ("kd+fakd (full)", 19, 5.0)  # (row, K, at most this % of a student step)
 # Image size on CPU, per student, for a step of a few seconds on two cores at batch 8
 # (extrapolated from one-thread steps at batch 2, 64x128: about 2 to 3 s for each).
@@ -90,8 +81,6 @@ CPU_SIZES = {"synth-student": (256, 512)}
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
-                        help="auto (the default): CUDA when available")
     parser.add_argument("--student", default=None,
                         help="model preset (default: deeplabv3-r18 on CUDA, synth-student on CPU "
                              "and with --quick)")
@@ -107,27 +96,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="timed repeats (default: 20 on CUDA, 7 on CPU, 2 with --quick)")
     parser.add_argument("--warmup", type=int, default=None,
                         help="untimed rounds first (default: 3 on CUDA, 1 on CPU)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (default: torch's, 1 with --quick)")
     parser.add_argument("--amp", default="auto", choices=("auto", "on", "off"),
                         help="bf16 autocast and channels-last, as kdnb.train; auto (the "
                              "default): on CUDA only")
     parser.add_argument("--in-step", action="store_true",
                         help="also time (step with the loss) - (step alone), paired per repeat")
-    parser.add_argument("--seed", type=int, default=0, help="(default: 0)")
-    parser.add_argument("--quick", action="store_true",
-                        help="tiny sizes and 2 repeats: checks that the script runs, "
-                             "its numbers mean nothing")
-    parser.add_argument("--no-write", action="store_true", help="print only")
-    parser.add_argument("--out", type=Path, default=Path(__file__).with_name("RESULTS.md"),
-                        help="markdown file to append to (default: benchmarks/RESULTS.md)")
+    add_common_arguments(parser, "tiny sizes and 2 repeats: checks that the script runs, "
+                                 "its numbers mean nothing")
     args = parser.parse_args(argv)
 
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    elif args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda, but CUDA is not available here")
-    cuda = args.device == "cuda"
+    cuda = resolve_common_arguments(parser, args)
     if args.student is None:
         args.student = "synth-student" if args.quick or not cuda else "deeplabv3-r18"
     args.classes = args.classes or [19]
@@ -144,8 +122,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.repeats = 2 if args.quick else (20 if cuda else 7)
     if args.warmup is None:
         args.warmup = 1 if (args.quick or not cuda) else 3
-    if args.threads is None and args.quick:
-        args.threads = 1
     args.amp = cuda if args.amp == "auto" else args.amp == "on"
     if args.amp and not cuda:
         parser.error("--amp on needs CUDA (the trainer uses autocast only there)")
@@ -178,21 +154,6 @@ class Timer:
         return time.perf_counter() - start
 
 
-def count_host_syncs(fn: Callable[[], None]) -> int | None:
-    """Synchronizing CUDA calls made by ``fn`` (None where they cannot be counted)."""
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            torch.cuda.set_sync_debug_mode("warn")
-            try:
-                fn()
-            finally:
-                torch.cuda.set_sync_debug_mode("default")
-    except Exception:  # an old torch or a build without the debug mode
-        return None
-    return sum("synchroniz" in str(w.message) for w in caught)
-
-
 def median_iqr(values: list[float]) -> tuple[float, float]:
     """Median and interquartile range (the range itself when there are fewer than 4)."""
     if len(values) < 4:
@@ -203,28 +164,22 @@ def median_iqr(values: list[float]) -> tuple[float, float]:
 
 # --------------------------------------------------------------------------- one K
 
-def random_masks(batch: int, size: tuple[int, int], num_classes: int, device: torch.device,
-                 gen: torch.Generator) -> torch.Tensor:
-    """Blocks of random labels (8 x 8 pixels), 5 % of them ignored: ``(B, H, W)`` long."""
-    h, w = size
-    coarse = torch.randint(0, num_classes, (batch, 1, -(-h // 8), -(-w // 8)), generator=gen)
-    ignored = torch.rand(coarse.shape, generator=gen) < 0.05
-    coarse = torch.where(ignored, torch.full_like(coarse, IGNORE_INDEX), coarse)
-    masks = F.interpolate(coarse.float(), scale_factor=8, mode="nearest")[:, 0, :h, :w]
-    return masks.long().to(device)
-
-
 def build_methods(model, num_classes: int, student_channels: int, teacher_channels: int,
                   device: torch.device) -> dict[str, torch.nn.Module]:
-    """Every loss to time, by table label, on ``device`` and in training mode."""
-    spec = {name: None for name in METHOD_NAMES}
-    losses = dict(build_losses(spec, student_channels=student_channels,
-                               teacher_channels=teacher_channels, num_classes=num_classes))
-    for label, (options, _) in FAKD_VARIANTS.items():
-        fakd = FAKDLoss(num_classes, student_channels, teacher_channels=teacher_channels,
-                        classifier=model.classifier, **options)
-        fakd.set_progress(1, 1)  # lam = lambda_0
-        losses[label] = fakd
+    """Every loss to time, by table label (:data:`LOSS_ROWS`, built as a run builds them),
+    on ``device`` and in training mode; FAKD at ``lam = lambda_0``."""
+    losses = {}
+    for label, methods in LOSS_ROWS.items():
+        if label == "base":
+            continue
+        (name, options), = resolve_methods(methods).items()
+        if name == "fakd" and options["on"] == "logits":
+            options["classifier"] = model.classifier
+        losses[label] = build_losses({name: options}, student_channels=student_channels,
+                                     teacher_channels=teacher_channels,
+                                     num_classes=num_classes)[name]
+        if hasattr(losses[label], "set_progress"):
+            losses[label].set_progress(1, 1)
     return {label: loss.to(device).train() for label, loss in losses.items()}
 
 
@@ -263,7 +218,7 @@ def run_one_k(args: argparse.Namespace, num_classes: int, device: torch.device) 
     def student_step(loss=None) -> None:
         with autocast():
             logits, step_feats, step_head_logits = forward_with_head(model, images)
-            total = F.cross_entropy(logits, masks, ignore_index=IGNORE_INDEX)
+            total = task_loss(logits, masks)
             if loss is not None:
                 total = total + loss({"logits": step_head_logits, "feats": step_feats},
                                      teacher, masks)
@@ -313,7 +268,7 @@ def run_one_k(args: argparse.Namespace, num_classes: int, device: torch.device) 
         if args.in_step:
             row["in_step_ms"] = median_iqr([1e3 * t for t in in_step[label]])[0]
         rows.append(row)
-    for label, (_, replaced) in FAKD_VARIANTS.items():
+    for label, replaced in FAKD_DIFFS:
         diffs = [1e3 * (a - b) for a, b in zip(loss_times[label], loss_times[replaced])]
         ms, iqr = median_iqr(diffs)
         rows.append({"method": f"{label} - {replaced}", "ms": ms, "iqr": iqr,
@@ -323,20 +278,6 @@ def run_one_k(args: argparse.Namespace, num_classes: int, device: torch.device) 
 
 
 # --------------------------------------------------------------------------- report
-
-def device_name(device: torch.device, threads: int) -> str:
-    if device.type == "cuda":
-        return f"GPU {torch.cuda.get_device_name(device)}"
-    model = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"CPU {model or platform.machine()}, {threads} thread{'s' * (threads != 1)}"
-
 
 def criterion_line(result: dict) -> str | None:
     row_name, k, limit = CRITERION
@@ -391,13 +332,10 @@ def print_table(result: dict, cuda: bool, in_step: bool) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
     device = torch.device(args.device)
     cuda = device.type == "cuda"
-    command = "python benchmarks/loss_overhead.py" + "".join(
-        " " + shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    command = command_line(argv)
     setup = (f"{args.student}, random init, training mode, batch {args.batch} at "
              f"{args.size[0]}x{args.size[1]}" + (", bf16 autocast + channels-last" if args.amp
                                                   else ", float32"))
@@ -440,10 +378,7 @@ def main(argv: list[str] | None = None) -> int:
             line = criterion_line(result)
             if line:
                 parts.append(f"\n**{line}**")
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        with open(args.out, "a") as fh:
-            fh.write("\n".join(parts) + "\n")
-        print(f"\nappended to {args.out}")
+        append_text(args.out, "\n".join(parts))
     return 0
 
 

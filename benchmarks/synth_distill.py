@@ -17,7 +17,7 @@ Protocol:
   the baseline costs;
 * hyperparameters are chosen on the val split (``--sweep``), numbers reported on test.
 
-The methods and their weights are ``kdnb.demo.COMPARISON`` (what ``make demo`` and
+The methods and their weights are ``kdnb.experiments.COMPARISON`` (what ``make demo`` and
 notebook 04 run). Runs land in ``runs/synth_distill[/<tag>]/<method>-s<seed>``; finished
 runs are reused, so an interrupted benchmark continues where it stopped. The tables (val
 and test, from ``kdnb.compare``) are printed and appended to benchmarks/RESULTS.md with
@@ -33,17 +33,20 @@ from pathlib import Path
 
 import torch
 
+from kdnb.build import build_trainer
+from kdnb.checkpoint import model_from_checkpoint
 from kdnb.compare import compare, format_table, read_run
-from kdnb.config import TrainConfig
+from kdnb.config import TrainConfig, config_hash
 from kdnb.data import build_dataset
-from kdnb.demo import COMPARISON, cache_path, student_config, teacher_config, train_or_load
-from kdnb.train import config_hash, evaluate, make_trainer, model_from_checkpoint
+from kdnb.distill import TeacherOutputs
+from kdnb.experiments import COMPARISON, cache_path, student_config, teacher_config, train_or_load
+from kdnb.metrics import evaluate
 
 from _results import append_section  # benchmarks/_results.py
 
 
 def run_one(name: str, methods: dict, seed: int, teacher: str, root: Path, quick: bool,
-            held_out: dict, changes: dict) -> Path:
+            held_out: dict, changes: dict, teacher_outputs: TeacherOutputs) -> Path:
     run_dir = root / f"{name}-s{seed}"
     cfg = student_config(methods, seed=seed, teacher=teacher, quick=quick,
                          **{"eval_every": 0, **changes})
@@ -55,7 +58,7 @@ def run_one(name: str, methods: dict, seed: int, teacher: str, root: Path, quick
     if (run_dir / "final.json").is_file():  # trained earlier
         model = None
     else:
-        trainer = make_trainer(cfg, run_dir, progress=not quick)
+        trainer = build_trainer(cfg, run_dir, progress=not quick, teacher_outputs=teacher_outputs)
         trainer.fit(resume=(run_dir / "config.json").is_file())
         model = trainer.model
     for split, dataset in held_out.items():
@@ -181,9 +184,10 @@ def main() -> None:
                                  batch_size=32)["miou"]
 
     held_out = {"val": val_set, "test": test_set}
+    shared = TeacherOutputs()  # every student distils the same teacher on the same pool
 
     def one(name, methods, seed):
-        return run_one(name, methods, seed, teacher, root, args.quick, held_out, changes)
+        return run_one(name, methods, seed, teacher, root, args.quick, held_out, changes, shared)
 
     if args.sweep:
         name, weights = parse_sweep(args.sweep, methods)

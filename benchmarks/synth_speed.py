@@ -2,10 +2,9 @@
 
     python benchmarks/synth_speed.py [--sizes 96 128] [--n 500]
 
-Prints images/s per size and appends a row to benchmarks/RESULTS.md with the command.
+Prints images/s per size and appends a section to benchmarks/RESULTS.md with the command.
 """
 import argparse
-import datetime
 import platform
 import time
 from pathlib import Path
@@ -13,6 +12,8 @@ from pathlib import Path
 import torch
 
 from kdnb.data import SynthScenes
+
+from _results import append_section  # benchmarks/_results.py
 
 
 def main() -> None:
@@ -22,7 +23,7 @@ def main() -> None:
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    rows = []
+    rows, t0 = [], time.perf_counter()
     for size in args.sizes:
         ds = SynthScenes("train", size=size, length=args.n)
         ds[0]
@@ -33,11 +34,10 @@ def main() -> None:
         rows.append((size, rate))
         print(f"SynthScenes {size}x{size}: {rate:.0f} images/s on one core")
     if not args.no_write:
-        out = Path(__file__).with_name("RESULTS.md")
-        line = ", ".join(f"{s}x{s}: {r:.0f} img/s" for s, r in rows)
-        with open(out, "a") as fh:
-            fh.write(f"\n- {datetime.date.today()} `python benchmarks/synth_speed.py` "
-                     f"({platform.processor() or platform.machine()}, 1 thread): {line}\n")
+        body = "\n".join(f"- {s}x{s}: {r:.0f} images/s" for s, r in rows)
+        append_section(Path(__file__).with_name("RESULTS.md"), "SynthScenes generation speed",
+                       time.perf_counter() - t0, body,
+                       note=f"{platform.processor() or platform.machine()}, 1 thread")
 
 
 if __name__ == "__main__":

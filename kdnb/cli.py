@@ -13,6 +13,7 @@ import warnings
 from pathlib import Path
 
 from .config import RECIPES, TrainConfig, get_recipe
+from .losses.spec import parse_methods, parse_value
 
 
 def _add_train_args(p: argparse.ArgumentParser) -> None:
@@ -40,7 +41,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                    help="an smp model option, e.g. decoder_dropout=0 (repeatable)")
     p.add_argument("--data-arg", action="append", metavar="KEY=VALUE",
                    help="a dataset option, e.g. unlabelled=0 (SynthScenes fully annotated) or "
-                        "train_length=1000 (repeatable)")
+                        "length=1000 (repeatable)")
     p.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm under torchrun")
     p.add_argument("--freeze-bn", action="store_true", help="BatchNorm keeps its running statistics")
     p.add_argument("--no-flip", action="store_true", help="no random horizontal flip")
@@ -52,6 +53,12 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
                         "(costs one host sync per step); may be turned on when resuming")
     p.add_argument("--run-dir", help="output folder (default runs/<model>-<data>-s<seed>)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
+
+
+#: on/off flags: argparse name -> (config field, the value the flag sets)
+SWITCHES = {"sync_bn": ("sync_bn", True), "freeze_bn": ("freeze_bn", True),
+            "no_flip": ("flip", False), "cache_teacher": ("cache_teacher", True),
+            "no_amp": ("amp", False), "skip_nonfinite": ("skip_nonfinite", True)}
 
 
 def config_from_args(args) -> TrainConfig:
@@ -94,68 +101,23 @@ def config_from_args(args) -> TrainConfig:
         changes["data_kwargs"] = data_kwargs
     if model_kwargs != cfg.model_kwargs:
         changes["model_kwargs"] = model_kwargs
-    if args.sync_bn:
-        changes["sync_bn"] = True
-    if args.freeze_bn:
-        changes["freeze_bn"] = True
-    if args.no_flip:
-        changes["flip"] = False
-    if args.cache_teacher:
-        changes["cache_teacher"] = True
-    if args.no_amp:
-        changes["amp"] = False
-    if args.skip_nonfinite:
-        changes["skip_nonfinite"] = True
+    for flag, (field, value) in SWITCHES.items():
+        if getattr(args, flag):
+            changes[field] = value
     if data != "synth" and "eval_batch_size" not in changes:
         changes["eval_batch_size"] = 1  # real images differ in size
     return cfg.replace(**changes)
 
 
-def parse_value(text: str):
-    """'1' -> 1.0, 'true' -> True, 'spatial' -> 'spatial'."""
-    lowered = text.strip().lower()
-    if lowered in ("true", "false"):
-        return lowered == "true"
-    if lowered in ("none", "null"):
-        return None
-    try:
-        return float(text)
-    except ValueError:
-        return text.strip()
-
-
-def parse_methods(text: str | None, settings: list[str] | None = None) -> dict:
-    """``"kd=1,nfd=2,fakd"`` plus ``["nfd.norm=spatial", "fakd.lambda_0=5"]`` -> a methods dict.
-
-    A bare name takes the method's default weight; ``name.option=value`` sets an option.
-    """
-    methods: dict = {}
-    for item in filter(None, (t.strip() for t in (text or "").split(","))):
-        name, eq, weight = item.partition("=")
-        methods[name.strip()] = {"weight": float(weight)} if eq else {}
-    for setting in settings or []:
-        key, eq, value = setting.partition("=")
-        name, dot, option = key.partition(".")
-        if not (eq and dot and option):
-            raise ValueError(f"--set {setting!r}: expected METHOD.OPTION=VALUE, for example "
-                             "nfd.norm=spatial")
-        if name not in methods:
-            raise ValueError(f"--set {setting!r}: {name!r} is not in --methods "
-                             f"({', '.join(methods) or 'none'})")
-        methods[name][option] = parse_value(value)
-    return methods
-
-
 def cmd_train(args) -> int:
-    from .train import make_trainer
+    from .build import build_trainer
 
     cfg = config_from_args(args)
     if getattr(args, "teacher", None):
-        cfg = cfg.replace(teacher=args.teacher, methods=parse_methods(args.methods, args.set),
-                          model=args.student or cfg.model)
+        cfg = cfg.replace(teacher=args.teacher, methods=parse_methods(args.methods, args.set))
     name = f"{cfg.model}-{cfg.data}-{'+'.join(cfg.methods) or 'alone'}-s{cfg.seed}"
     run_dir = Path(args.run_dir or f"runs/{name}")
-    trainer = make_trainer(cfg, run_dir)
+    trainer = build_trainer(cfg, run_dir)
     final = trainer.fit(resume=args.resume)
     if trainer.rank == 0:
         print(f"{cfg.model} on {cfg.data} {cfg.eval_split}: mIoU {100 * final['miou']:.2f}  "
@@ -164,8 +126,10 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    from .checkpoint import load_checkpoint, model_from_record
     from .data import build_dataset, dataset_info
-    from .train import evaluate, load_checkpoint, model_from_record, resolve_device
+    from .metrics import evaluate
+    from .runtime import resolve_device
 
     ckpt = load_checkpoint(args.ckpt)
     cfg = ckpt.get("config", {})
@@ -260,7 +224,6 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("distill", help="train a student with a frozen teacher")
     _add_train_args(p)
     p.add_argument("--teacher", required=True, help="the teacher's model.pt")
-    p.add_argument("--student", help="student preset (same as --model)")
     p.add_argument("--methods", default="kd",
                    help="losses and weights, e.g. kd=1,nfd=2,fakd (fakd augments kd, nfd or mse)")
     p.add_argument("--set", action="append", metavar="METHOD.OPTION=VALUE",
@@ -292,10 +255,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="teacher, then students compared on SynthScenes (one seed), "
                        "with a prediction PNG")
     p.add_argument("--out", default="runs/demo")
-    from .demo import COMPARISON, DEMO_METHODS, DEMO_STUDENT_STEPS
+    from .demo import DEMO_METHODS, DEMO_STUDENT_STEPS
+    from .experiments import COMPARISON
 
     p.add_argument("--methods", default=",".join(DEMO_METHODS),
-                   help=f"students to compare (kdnb.demo.COMPARISON: {', '.join(COMPARISON)})")
+                   help=f"students to compare (kdnb.experiments.COMPARISON: "
+                        f"{', '.join(COMPARISON)})")
     p.add_argument("--student-steps", type=int,
                    help=f"steps per student (default: the demo's budget, {DEMO_STUDENT_STEPS})")
     p.add_argument("--quick", action="store_true", help="a tiny budget (for tests); also KDNB_QUICK=1")

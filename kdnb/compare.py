@@ -13,15 +13,7 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
-
-def method_label(methods: dict) -> str:
-    """The group name of a methods dict: loss names joined by ``+``, each with ``@layer``
-    when it distils an encoder stage (``"fakd+nfd@stage2"``), ``"baseline"`` when empty."""
-    names = []
-    for name, options in sorted(methods.items()):
-        layer = options.get("layer", "head") if isinstance(options, dict) else "head"
-        names.append(name if layer == "head" else f"{name}@{layer}")
-    return "+".join(names) or "baseline"
+from .losses.spec import method_label
 
 
 def read_run(run_dir: str | Path, split: str = "val", label: str | None = None) -> dict:

@@ -6,10 +6,13 @@ checkpoint, so a result can always be traced to the settings that produced it.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from .losses.spec import as_options, method_problems
 
 
 @dataclass
@@ -28,7 +31,7 @@ class TrainConfig:
     methods: dict = field(default_factory=dict)  # e.g. {"kd": 1.0, "nfd": {"weight": 2.0}, "fakd": {}}
     task_weight: float = 1.0          # weight of the cross-entropy on the labels
     cache_teacher: bool = False       # compute the teacher's outputs once (fixed training pool)
-    # Optimization (METHODS.md recipe: SGD 0.02, momentum 0.9, wd 1e-4, poly 0.9).
+    # Optimization (docs/METHODS.md, "Training recipe": SGD 0.02, momentum 0.9, wd 1e-4, poly 0.9).
     steps: int = 1000                 # optimizer steps
     batch_size: int = 16              # global batch (split across DDP ranks)
     optimizer: str = "sgd"            # sgd | adamw
@@ -77,8 +80,8 @@ class TrainConfig:
             raise ValueError(f"optimizer={self.optimizer!r}: choose 'sgd' or 'adamw'")
         problems = method_problems(self.methods)
         if problems:
-            raise ValueError(f"distillation methods out of range: {'; '.join(problems)}")
-        if self.methods and self.task_weight == 0 and all(_weight(v) == 0
+            raise ValueError(f"distillation methods: {'; '.join(problems)}")
+        if self.methods and self.task_weight == 0 and all(as_options(v).get("weight") == 0
                                                           for v in self.methods.values()):
             raise ValueError("task_weight=0 and no distillation loss with a weight > 0: nothing "
                              "would train; give the task or a method a weight > 0")
@@ -135,48 +138,29 @@ class TrainConfig:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
 
-#: Loss options that divide by themselves (a temperature) and must stay > 0.
-POSITIVE_OPTIONS = ("temperature", "tau")
-#: Loss options that scale a term and must stay >= 0.
-NON_NEGATIVE_OPTIONS = ("lambda_0", "beta", "gamma")
+def settings_key(settings: dict) -> str:
+    """A short, stable hash of a settings dict (sorted keys; tuples hash as lists)."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=list).encode()
+                          ).hexdigest()[:10]
 
 
-def _weight(value):
-    """The weight in a method spec (a number, or a dict's ``"weight"``), None when unset."""
-    if isinstance(value, dict):
-        return value.get("weight")
-    return value
+#: Fields that change how a run is watched or where it runs, not the weights it trains.
+NOT_IN_CACHE_KEY = ("eval_every", "log_every", "ckpt_every", "keep_checkpoints", "workers",
+                    "threads", "eval_batch_size", "device")
 
 
-def method_problems(methods: dict) -> list[str]:
-    """What is out of range in a methods dict (weights, temperatures), each with its fix.
+def config_hash(cfg: TrainConfig) -> str:
+    """A short hash of the settings that change the trained weights (a cache key).
 
-    Checked when the config is built, before any data is read or model built; the loss
-    modules check their own options again (kdnb.losses.build_losses).
+    Settings at their default value are left out, so a new config field does not
+    invalidate the models cached before it existed; the teacher counts by its file name
+    (itself a cache key), so the same teacher cached under another data root matches.
     """
-    problems = []
-    for name, value in methods.items():
-        if value is not None and not isinstance(value, (dict, int, float)):
-            problems.append(f"{name}={value!r} is neither a weight nor a dict of options: "
-                            f"write {name}=1.0 or {name}={{'weight': 1.0}}")
-            continue
-        weight = _weight(value)
-        if weight is not None and (isinstance(weight, bool) or not isinstance(weight, (int, float))
-                                   or not math.isfinite(weight) or weight < 0):
-            problems.append(f"{name} weight={weight!r} must be a finite number >= 0 (0 logs the "
-                            f"loss without training on it): pass {name}=1 or drop {name}")
-        options = value if isinstance(value, dict) else {}
-        for key in POSITIVE_OPTIONS:
-            x = options.get(key)
-            if x is not None and not (isinstance(x, (int, float)) and x > 0 and math.isfinite(x)):
-                problems.append(f"{name} {key}={x!r} must be > 0 (the logits are divided by it): "
-                                f"use a value such as {name}.{key}=1 or 4")
-        for key in NON_NEGATIVE_OPTIONS:
-            x = options.get(key)
-            if x is not None and not (isinstance(x, (int, float)) and x >= 0 and math.isfinite(x)):
-                problems.append(f"{name} {key}={x!r} must be a finite number >= 0: use "
-                                f"{name}.{key}=0 to switch it off")
-    return problems
+    defaults = TrainConfig().to_dict()
+    d = {k: v for k, v in cfg.to_dict().items() if v != defaults[k] and k not in NOT_IN_CACHE_KEY}
+    if d.get("teacher"):
+        d["teacher"] = Path(d["teacher"]).name
+    return settings_key(d)
 
 
 #: Recipes for SynthScenes on a 2-core CPU: AdamW converges in the few minutes a CPU

@@ -4,141 +4,30 @@ Trains (or reuses a cached) SynthScenes teacher, then a budgeted comparison of s
 (baseline, KD, and NFD and NFD+FAKD on encoder stage 2 by default, one seed, paired: same
 initial weights and data order), reports every model on the test split with the share of
 the teacher-student gap each method recovers, and writes a PNG of predictions beside the
-ground truth.
-
-The comparison the demo, notebook 04 and ``benchmarks/synth_distill.py`` run is defined
-once here (:data:`COMPARISON`, :func:`student_config`), with the loss weights chosen on the
-val split (the sweeps are in benchmarks/RESULTS.md).
+ground truth. The students are those of :data:`kdnb.experiments.COMPARISON`.
 """
 from __future__ import annotations
 
 import json
-import os
+import shutil
 import time
 from pathlib import Path
 
 import torch
 
-from .config import TrainConfig, get_recipe
-from .data import build_dataset, data_root
+from .data import build_dataset
+from .distill import TeacherOutputs
+from .experiments import COMPARISON, cache_path, student_config, teacher_config, train_or_load
+from .losses.spec import resolve_methods, split_layers
+from .metrics import evaluate
 from .models import SegModel
-from .train import (RESUME_MAY_CHANGE, config_differences, config_hash, evaluate, make_trainer,
-                    model_from_checkpoint, saved_config, seed_everything)
 
-#: method name -> the ``methods`` of its student run. Weights chosen on val, seed 0, for the
-#: partly annotated recipes (benchmarks/RESULTS.md, "Weight sweeps on partly annotated
-#: SynthScenes"); the layer (encoder stage 2) was chosen on the fully annotated ones ("Which
-#: layer to distil"); KD's temperature (1 / 2 / 4) and FAKD's lambda_0 with KD (0.1 / 0.3)
-#: and with NFD at stage 2 (0.1 / 0.3 / 1) on val as well.
-COMPARISON: dict[str, dict] = {
-    "baseline": {},
-    "kd": {"kd": {"weight": 1.0, "temperature": 1.0}},
-    "mse": {"mse": {"weight": 0.25}},
-    "cwd": {"cwd": {"weight": 3.0}},
-    "nfd": {"nfd": {"weight": 0.5}},
-    "nfd+fakd": {"nfd": {"weight": 0.5}, "fakd": {"lambda_0": 1.0}},
-    "kd+fakd": {"kd": {"weight": 1.0, "temperature": 1.0}, "fakd": {"lambda_0": 0.3}},
-    # The same losses on the encoder's stride-4 stage instead of the head feature (layer
-    # sweep on val: stage 2 is where feature distillation helps this student).
-    "mse-stage2": {"mse": {"weight": 64.0, "layer": "stage2"}},
-    "nfd-stage2": {"nfd": {"weight": 32.0, "layer": "stage2"}},
-    "nfd-stage2+fakd": {"nfd": {"weight": 32.0, "layer": "stage2"}, "fakd": {"lambda_0": 1.0}},
-    "mse-stage2+fakd": {"mse": {"weight": 64.0, "layer": "stage2"}, "fakd": {"lambda_0": 1.0}},
-}
 #: What ``make demo`` compares after the teacher (one seed): NFD and NFD+FAKD at the layer
 #: chosen on val (encoder stage 2), pixel KD on the logits.
 DEMO_METHODS = ("baseline", "kd", "nfd-stage2", "nfd-stage2+fakd")
 #: Student steps in the demo: the comparison of four students fits in the 15-minute
 #: budget of ``make demo`` (the benchmark trains the full ``synth-student`` recipe).
 DEMO_STUDENT_STEPS = 500
-
-
-def quick_config(cfg: TrainConfig) -> TrainConfig:
-    """A tiny budget that exercises every code path in seconds (tests, ``KDNB_QUICK=1``)."""
-    return cfg.replace(steps=12, batch_size=4, eval_every=6, ckpt_every=0, log_every=3,
-                       data_kwargs={**cfg.data_kwargs, "size": 64, "length": 48})
-
-
-def teacher_config(*, quick: bool = False) -> TrainConfig:
-    """The SynthScenes teacher every comparison distills from (``synth-teacher``)."""
-    cfg = get_recipe("synth-teacher")
-    return quick_config(cfg) if quick else cfg
-
-
-def student_config(methods: dict, *, seed: int = 0, teacher: str | Path | None = None,
-                   quick: bool = False, **changes) -> TrainConfig:
-    """One student of a paired comparison: the ``synth-student`` recipe with ``methods``.
-
-    Every student of a comparison, the baseline included, trains on the same fixed pool
-    (no flip; SynthScenes already varies scale, rotation and colour) from the same initial
-    weights in the same data order for a given seed, so a method's gain is a per-seed
-    difference. The pool being fixed, the teacher's outputs are computed once
-    (``cache_teacher``) and a distillation run costs what the baseline costs.
-    """
-    cfg = get_recipe("synth-student")
-    if quick:
-        cfg = quick_config(cfg)
-    if methods and teacher is None:
-        raise ValueError("a distillation student needs the teacher's checkpoint: pass "
-                         "teacher=cache_path(teacher_config())")
-    return cfg.replace(seed=seed, flip=False, methods=methods,
-                       teacher=str(teacher) if methods else None,
-                       cache_teacher=bool(methods), **changes)
-
-
-def cache_path(cfg: TrainConfig) -> Path:
-    return data_root(cfg.root) / "checkpoints" / f"{cfg.model}-{config_hash(cfg)}.pt"
-
-
-def train_or_load(cfg: TrainConfig, run_dir: Path, *, fresh: bool = False,
-                  progress: bool = True, callbacks=None) -> tuple[SegModel, bool]:
-    """Returns the model trained by ``cfg``, from the cache when it holds one.
-
-    The cache key hashes every setting that changes the weights (the teacher by its file
-    name, which is itself a cache key), so a changed recipe never reuses a stale
-    checkpoint. A distillation config trains with the teacher. Returns ``(model, reused)``.
-    """
-    cached = cache_path(cfg)
-    if cached.is_file() and not fresh:
-        return model_from_checkpoint(cached, preset=cfg.model), True
-    if not fresh:  # a fresh run starts over wherever it is
-        _set_aside_other_settings(run_dir, cfg)
-    trainer = make_trainer(cfg, run_dir, progress=progress, callbacks=callbacks)
-    trainer.fit(resume=run_dir.joinpath("config.json").is_file() and not fresh)
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cached.with_name(cached.name + ".tmp")
-    tmp.write_bytes((run_dir / "model.pt").read_bytes())
-    os.replace(tmp, cached)
-    return trainer.model.cpu().eval(), False
-
-
-def _set_aside_other_settings(run_dir: Path, cfg: TrainConfig) -> None:
-    """Keeps one run directory per setting: a run left in ``run_dir`` by other settings (a
-    recipe or ``COMPARISON`` changed since, another data root) is renamed
-    ``<name>-<key of its settings>``, neither resumed nor deleted, and a run set aside
-    earlier for ``cfg``'s settings comes back, so returning to them resumes it."""
-    import hashlib
-    import shutil
-
-    def aside(settings: dict) -> Path:
-        kept = {k: v for k, v in settings.items() if k not in RESUME_MAY_CHANGE}
-        key = hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:10]
-        return run_dir.with_name(f"{run_dir.name}-{key}")
-
-    wanted = aside(json.loads(json.dumps(cfg.to_dict())))
-    saved = saved_config(run_dir / "config.json")
-    if saved is not None:
-        if not config_differences(saved, cfg):
-            return
-        if aside(saved).exists():  # an older copy of the same settings: the newer one wins
-            shutil.rmtree(aside(saved))
-        os.replace(run_dir, aside(saved))
-        print(f"{run_dir} held a run with other settings: moved to {aside(saved)}", flush=True)
-    if wanted.is_dir():
-        if run_dir.exists():  # no config.json: a run killed before it wrote one, nothing to keep
-            shutil.rmtree(run_dir)
-        os.replace(wanted, run_dir)
-        print(f"resuming the run set aside in {wanted}", flush=True)
 
 
 def gap_table(rows: dict[str, dict], teacher: str = "teacher", baseline: str = "baseline") -> str:
@@ -167,7 +56,6 @@ def run_demo(out: Path = Path("runs/demo"), *, quick: bool = False, fresh: bool 
                          "the baseline included")
     out = Path(out)
     if fresh and out.exists():
-        import shutil
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     steps = student_steps or (None if quick else DEMO_STUDENT_STEPS)
@@ -178,13 +66,15 @@ def run_demo(out: Path = Path("runs/demo"), *, quick: bool = False, fresh: bool 
         configs[name] = student_config(COMPARISON[name], seed=0, teacher=teacher_path,
                                        quick=quick, **({"steps": steps} if steps else {}))
     models, rows = {}, {}
+    shared = TeacherOutputs()  # the students share the teacher and the pool
     # Students that distil encoder stages train first: the teacher outputs they cache
     # include the head's, so the others reuse them instead of computing them again.
     order = sorted(configs, key=lambda role: role != "teacher" and not _uses_stages(configs[role]))
     for role in order:
         cfg = configs[role]
         t0 = time.perf_counter()
-        model, reused = train_or_load(cfg, out / role.replace("+", "_"), fresh=fresh)
+        model, reused = train_or_load(cfg, out / role.replace("+", "_"), fresh=fresh,
+                                      teacher_outputs=shared)
         models[role] = model
         rows[role] = {"preset": cfg.model, "methods": cfg.methods, "steps": cfg.steps,
                       "reused_cache": reused, "train_seconds": round(time.perf_counter() - t0, 1),
@@ -215,25 +105,25 @@ def run_demo(out: Path = Path("runs/demo"), *, quick: bool = False, fresh: bool 
     return summary
 
 
-def _uses_stages(cfg: TrainConfig) -> bool:
-    from .train import resolve_methods, split_layers
-
+def _uses_stages(cfg) -> bool:
     _, layers = split_layers(resolve_methods(cfg.methods))
     return any(stage is not None for stage in layers.values())
 
 
 @torch.no_grad()
 def write_predictions(models: dict[str, SegModel], dataset, path: Path, rows: int = 6) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """A PNG of the first ``rows`` images: image, ground truth, one column per model.
+
+    Drawn on a figure of its own (no pyplot state, no backend switch), so it runs
+    headless and leaves a notebook's plotting as it was.
+    """
+    from matplotlib.figure import Figure
 
     from .viz import prediction_grid
 
-    seed_everything(0)
     images, masks = zip(*(dataset[i] for i in range(rows)))
     images, masks = torch.stack(images), torch.stack(masks)
     preds = {name: m.eval()(images).argmax(1) for name, m in models.items()}
-    fig = prediction_grid(images, masks, preds, dataset.palette, class_names=dataset.classes)
+    fig = prediction_grid(images, masks, preds, dataset.palette, class_names=dataset.classes,
+                          figure=Figure())
     fig.savefig(path, dpi=80)
-    plt.close(fig)

@@ -4,8 +4,13 @@
 a ``with`` block and removes every hook on exit, so a model is never left instrumented.
 :class:`ChannelAdapter` is the trainable connector (1x1 convolution, optional BatchNorm)
 that maps student channels to teacher channels; it trains with the student and is dropped
-at inference. :func:`match_size` is the one place where feature maps of different sizes
-are brought to the same resolution.
+at inference. :func:`match_size` (feature maps, bilinear) and :func:`resize_labels` (label
+masks, nearest) are the one place where maps of different sizes are brought to the same
+resolution.
+
+Training needs no hooks: a :class:`kdnb.models.SegModel` returns its head feature and its
+encoder stages from its own forward pass (``model(images, features=True, stages=...)``);
+:class:`FeatureRecorder` taps any other module.
 
 Introduced in notebooks/01_feature_magnitude.ipynb.
 """
@@ -16,6 +21,8 @@ from typing import Iterable, Mapping
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .runtime import unwrap
 
 
 class FeatureRecorder:
@@ -95,24 +102,26 @@ def forward_with_head(model: nn.Module, images: torch.Tensor, classifier: str | 
     """One forward pass that returns the logits, the head feature and the head logits.
 
     Args:
-        model: a :class:`kdnb.models.SegModel` (or any model, with ``classifier`` given),
-            possibly wrapped in DistributedDataParallel.
+        model: a :class:`kdnb.models.SegModel` (possibly wrapped in DDP), which returns
+            them from its own pass (``model(images, features=True)``); or any model with
+            ``classifier``, the module path of its final classifier, tapped with a
+            :class:`FeatureRecorder`.
         images: ``(B, 3, H, W)``.
-        classifier: module path of the final classifier; default ``model.classifier_name``.
+        classifier: module path of the final classifier of a model that is no SegModel.
 
     Returns:
         ``(logits, head_feats, head_logits)``: output logits ``(B, K, H, W)``, the
         classifier's input ``(B, C, h, w)`` and output ``(B, K, h, w)`` (logits at the
         feature resolution, before any upsampling).
     """
-    # Under DDP the hooks go on the wrapped module; the call goes through the wrapper.
-    inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-    path = classifier or inner.classifier_name
-    recorder = FeatureRecorder(inner, {"feat": path}, capture="input")
-    outputs = FeatureRecorder(inner, {"logits": path}, capture="output")
-    with recorder, outputs:
+    if classifier is None:
+        logits, maps = model(images, features=True)
+        return logits, maps["feats"], maps["logits"]
+    inner = unwrap(model)  # hooks go on the wrapped module; the call goes through DDP
+    with FeatureRecorder(inner, {"feat": classifier}, capture="input") as feats, \
+            FeatureRecorder(inner, {"logits": classifier}) as head:
         logits = model(images)
-    return logits, recorder["feat"], outputs["logits"]
+    return logits, feats["feat"], head["logits"]
 
 
 def parse_layer(layer: str) -> int | None:
@@ -133,7 +142,7 @@ def parse_layer(layer: str) -> int | None:
 
 def stage_channels(model: nn.Module, stage: int) -> int:
     """Channels of encoder stage ``stage`` of a :class:`kdnb.models.SegModel`."""
-    inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    inner = unwrap(model)
     channels = list(inner.net.encoder.out_channels)
     if not 1 <= stage < len(channels):
         raise ValueError(f"{getattr(inner, 'preset', type(inner).__name__)}'s encoder has "
@@ -141,45 +150,26 @@ def stage_channels(model: nn.Module, stage: int) -> int:
     return int(channels[stage])
 
 
-def forward_with_features(model: nn.Module, images: torch.Tensor, stages=()
-                          ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """One forward pass that returns the logits and the maps distillation reads.
-
-    Args:
-        model: a :class:`kdnb.models.SegModel`, possibly wrapped in DDP.
-        images: ``(B, 3, H, W)``.
-        stages: encoder stages to return as well (see :func:`parse_layer`).
-
-    Returns:
-        ``(logits, maps)``: the output logits ``(B, K, H, W)`` and a dict with ``"feats"``
-        (head feature), ``"logits"`` (head logits, before upsampling) and ``"stageN"`` for
-        each requested stage ``(B, C_N, H / 2**N, W / 2**N)``.
-    """
-    stages = sorted(set(stages))
-    if not stages:
-        logits, feats, head_logits = forward_with_head(model, images)
-        return logits, {"feats": feats, "logits": head_logits}
-    inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-    encoder = FeatureRecorder(inner, {"encoder": "net.encoder"}, capture="output")
-    with encoder:
-        logits, feats, head_logits = forward_with_head(model, images)
-    outputs = encoder["encoder"]
-    maps = {"feats": feats, "logits": head_logits}
-    for stage in stages:
-        if not 1 <= stage < len(outputs):
-            raise ValueError(f"the encoder returned {len(outputs)} maps: no stage{stage}")
-        maps[f"stage{stage}"] = outputs[stage]
-    return logits, maps
-
-
 def match_size(x: torch.Tensor, size: tuple[int, int] | torch.Size) -> torch.Tensor:
     """Bilinearly resizes ``x (B, C, h, w)`` to ``size``; a no-op when it already fits.
 
-    The teacher map is resized to the student's size, never the other way (METHODS.md).
+    The teacher map is resized to the student's size, never the other way
+    (docs/METHODS.md, "Conventions").
     """
     if tuple(x.shape[-2:]) == tuple(size):
         return x
     return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
+
+
+def resize_labels(masks: torch.Tensor, size: tuple[int, int] | torch.Size) -> torch.Tensor:
+    """Nearest-resizes label masks ``(B, H, W)`` to ``size``; returns long labels.
+
+    Labels are never blended: nearest on floats is exact for labels below 2^24 and never
+    invents a class.
+    """
+    if tuple(masks.shape[-2:]) == tuple(size):
+        return masks.long()
+    return F.interpolate(masks[:, None].float(), size=tuple(size), mode="nearest")[:, 0].long()
 
 
 class ChannelAdapter(nn.Module):
@@ -188,7 +178,7 @@ class ChannelAdapter(nn.Module):
     Args:
         in_channels: student channels ``C_s``.
         out_channels: teacher channels ``C_t``.
-        batchnorm: append a BatchNorm2d (CIRKD's connector does).
+        batchnorm: append a BatchNorm2d (CIRKD's CWD connector is a bare 1x1 conv).
 
     Shape:
         ``(B, C_s, h, w) -> (B, C_t, h, w)``.

@@ -7,7 +7,7 @@ statistics), padding to the network's stride, and the name of its *classifier*: 
 
 Two families:
 
-* the paper pairs of METHODS.md (DeepLabV3-ResNet101 teacher; DeepLabV3-ResNet18,
+* the paper pairs of docs/METHODS.md, "Training recipe and model pairs" (DeepLabV3-ResNet101 teacher; DeepLabV3-ResNet18,
   PSPNet-ResNet18 and DeepLabV3-MobileNetV2 students; output stride 8);
 * CPU presets sized for SynthScenes, which train in minutes on two cores.
 
@@ -15,9 +15,9 @@ Introduced in notebooks/00_setup_and_data.ipynb.
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import segmentation_models_pytorch as smp
 import torch
@@ -38,7 +38,6 @@ class Preset:
         kwargs: further arguments of the smp class.
         role: ``"teacher"`` or ``"student"`` (a hint for the CLI and the notebooks).
         description: one line for ``kdnb presets``.
-        classifier: module path of the final classifier; its input is the head feature.
         head_kernel: if set, the classifier is replaced by a convolution of this size.
             PSPNet's stock head is 3x3; a 1x1 head keeps the classifier linear on each
             position, which FAKD's closed form needs (ours).
@@ -49,7 +48,6 @@ class Preset:
     kwargs: dict = field(default_factory=dict)
     role: str = "student"
     description: str = ""
-    classifier: str = "segmentation_head.0"
     head_kernel: int | None = None
 
 
@@ -72,26 +70,33 @@ PRESETS: dict[str, Preset] = {
 }
 
 
+#: Every smp network ends in ``segmentation_head``: the classifier (a convolution), then the
+#: upsampling to the image size and the activation (identity for logits).
+CLASSIFIER = "segmentation_head.0"
+
+
 class SegModel(nn.Module):
     """An smp network with input normalization, stride padding and a named classifier.
 
     Args:
-        net: the smp model.
+        net: the smp model (encoder, decoder, ``segmentation_head``).
         preset: name of the preset it was built from (checked when a checkpoint loads).
         num_classes: number of output classes.
-        classifier: module path (inside ``net``) of the final classifier.
+
+    Attributes:
+        classifier_name: module path of the final classifier (for a
+            :class:`kdnb.features.FeatureRecorder` tap).
 
     Shape:
         ``forward``: images ``(B, 3, H, W)`` in [0, 1] -> logits ``(B, K, H, W)``.
     """
 
-    def __init__(self, net: nn.Module, *, preset: str, num_classes: int,
-                 classifier: str = "segmentation_head.0"):
+    def __init__(self, net: nn.Module, *, preset: str, num_classes: int):
         super().__init__()
         self.net = net
         self.preset = preset
         self.num_classes = num_classes
-        self.classifier_name = "net." + classifier
+        self.classifier_name = "net." + CLASSIFIER
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
         self.stride = int(getattr(getattr(net, "encoder", None), "output_stride", 32))
@@ -101,7 +106,23 @@ class SegModel(nn.Module):
         """The final classifier; its input is the head feature, its output the logits."""
         return self.get_submodule(self.classifier_name)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, *, features: bool = False, stages: Sequence[int] = ()):
+        """Runs encoder -> decoder -> head explicitly, so the maps distillation reads come
+        out of the same pass (no hooks; the pass compiles with ``torch.compile``).
+
+        Args:
+            images: ``(B, 3, H, W)`` floats in [0, 1].
+            features: also return the maps distillation reads.
+            stages: encoder stages to return as well, ``N`` for the output at stride
+                ``2**N`` (see :func:`kdnb.features.parse_layer`); only with ``features``.
+
+        Returns:
+            The logits ``(B, K, H, W)``; with ``features``, ``(logits, maps)`` where
+            ``maps`` holds ``"feats"``, the head feature (the classifier's input,
+            ``(B, C, h, w)``), ``"logits"``, the classifier's output before the head
+            upsamples it (``(B, K, h, w)``), and ``"stageN"`` for each stage asked for.
+            The maps are those of the padded input (see below).
+        """
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"expected images of shape (B, 3, H, W), got {tuple(images.shape)}")
         h, w = images.shape[-2:]
@@ -111,8 +132,23 @@ class SegModel(nn.Module):
         ph, pw = (-h) % self.stride, (-w) % self.stride
         if ph or pw:
             x = F.pad(x, (0, pw, 0, ph))
-        logits = self.net(x)
-        return logits[..., :h, :w] if (ph or pw) else logits
+        encoded = self.net.encoder(x)  # [input, stride 2, 4, ..., 32]
+        feats = self.net.decoder(encoded)  # (B, C, h, w): the head feature
+        head_logits = self.classifier(feats)  # (B, K, h, w)
+        logits = head_logits
+        for module in list(self.net.segmentation_head)[1:]:  # its upsampling, activation
+            logits = module(logits)
+        if ph or pw:
+            logits = logits[..., :h, :w]
+        if not features:
+            return logits
+        maps = {"feats": feats, "logits": head_logits}
+        for stage in sorted(set(stages)):
+            if not 1 <= stage < len(encoded):
+                raise ValueError(f"{self.preset}'s encoder has stages 1..{len(encoded) - 1}; "
+                                 f"got stage{stage}")
+            maps[f"stage{stage}"] = encoded[stage]
+        return logits, maps
 
 
 def available_presets() -> list[str]:
@@ -161,13 +197,7 @@ def build_model(preset: str, num_classes: int, *, encoder_weights: str | None = 
             "internet (they land in the Hugging Face / torch hub cache), or pass "
             "encoder_weights=None to start from random weights.") from err
     if spec.head_kernel is not None:
-        old = net.get_submodule(spec.classifier)
-        new = nn.Conv2d(old.in_channels, num_classes, spec.head_kernel, padding=spec.head_kernel // 2)
-        parent_name, _, child = spec.classifier.rpartition(".")
-        setattr(net.get_submodule(parent_name), child, new)
-    return SegModel(net, preset=preset, num_classes=num_classes, classifier=spec.classifier)
-
-
-def preset_config(preset: str) -> dict:
-    """The preset as a plain dict (saved in run configs and checkpoints)."""
-    return dataclasses.asdict(get_preset(preset))
+        old = net.segmentation_head[0]
+        net.segmentation_head[0] = nn.Conv2d(old.in_channels, num_classes, spec.head_kernel,
+                                             padding=spec.head_kernel // 2)
+    return SegModel(net, preset=preset, num_classes=num_classes)

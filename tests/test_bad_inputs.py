@@ -15,7 +15,7 @@ import pytest
 
 from kdnb.cli import main
 from kdnb.config import TrainConfig
-from kdnb.train import Trainer
+from kdnb.build import build_trainer
 from test_data_real import make_camvid, write_image, write_label
 
 
@@ -25,7 +25,7 @@ def finished(tmp_path_factory):
     run = tmp_path_factory.mktemp("finished") / "run"
     cfg = TrainConfig(model="synth-student", data="synth", data_kwargs={"size": 64, "length": 8},
                       steps=2, batch_size=2, eval_every=0, ckpt_every=1, eval_batch_size=8)
-    Trainer(cfg, run, progress=False).fit()
+    build_trainer(cfg, run, progress=False).fit()
     return run
 
 

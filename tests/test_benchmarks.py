@@ -39,7 +39,7 @@ def test_synth_distill_quick_runs_every_method_and_resumes(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     for table in ("val (model selection)", "test (reported)"):
         assert table in proc.stdout
-    from kdnb.demo import COMPARISON
+    from kdnb.experiments import COMPARISON
 
     for method in COMPARISON:
         assert f"| {method} |" in proc.stdout, proc.stdout
@@ -134,6 +134,7 @@ def test_gpu_throughput_peak_table_and_criteria(monkeypatch):
     """The bf16 peaks by device name, and the verdicts computed from them."""
     import importlib.util
 
+    monkeypatch.syspath_prepend(str(GPU_THROUGHPUT.parent))  # its sibling _measure.py
     spec = importlib.util.spec_from_file_location("gpu_throughput", GPU_THROUGHPUT)
     bench = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, "gpu_throughput", bench)

@@ -92,7 +92,7 @@ def test_demo_quick_end_to_end(capsys, tmp_path, monkeypatch):
     assert len(cached) == 5
     # The students are paired: the same initial weights, so the distilled ones differ
     # from the baseline only through their losses.
-    from kdnb.demo import COMPARISON
+    from kdnb.experiments import COMPARISON
     assert summary["models"]["kd"]["methods"] == COMPARISON["kd"]
     # A second run reuses the cached models instead of training again.
     assert main(["demo", "--quick", "--out", str(tmp_path / "demo2"),
@@ -104,8 +104,8 @@ def test_demo_run_left_by_other_settings_is_set_aside_and_comes_back(capsys, tmp
                                                                     monkeypatch):
     """After a recipe or COMPARISON change the demo trains the new settings instead of
     refusing the old run directory, and keeps that run: returning to it resumes it."""
-    from kdnb.demo import student_config, train_or_load
-    from kdnb.train import config_hash
+    from kdnb.experiments import student_config, train_or_load
+    from kdnb.config import config_hash
 
     monkeypatch.setenv("KDNB_DATA", str(tmp_path / "data"))
     run_dir = tmp_path / "demo" / "baseline"

@@ -4,10 +4,10 @@ import dataclasses
 import pytest
 import torch
 
-from kdnb.cli import parse_methods
+from kdnb.build import build_trainer
 from kdnb.config import TrainConfig
+from kdnb.losses import parse_methods, resolve_methods
 from kdnb.models import PRESETS
-from kdnb.train import DistillTrainer, Trainer, resolve_methods
 
 
 def tiny(**changes) -> TrainConfig:
@@ -31,7 +31,7 @@ def wide_teacher_preset():
 @pytest.fixture(scope="module")
 def teacher_ckpt(tmp_path_factory):
     run = tmp_path_factory.mktemp("teacher")
-    Trainer(tiny(model="tiny-teacher", steps=2, seed=5), run, progress=False).fit()
+    build_trainer(tiny(model="tiny-teacher", steps=2, seed=5), run, progress=False).fit()
     return str(run / "model.pt")
 
 
@@ -100,7 +100,7 @@ def test_parse_methods():
     {"skd": 10.0}, {"ifvd": 20.0}, {"kd": 1.0, "fakd": {}}, {"nfd": 1.0, "fakd": {"lambda_0": 1.0}},
 ])
 def test_every_method_trains_and_the_teacher_stays_frozen(tmp_path, teacher_ckpt, methods):
-    trainer = DistillTrainer(tiny(teacher=teacher_ckpt, methods=methods, steps=2, ckpt_every=0),
+    trainer = build_trainer(tiny(teacher=teacher_ckpt, methods=methods, steps=2, ckpt_every=0),
                              tmp_path, progress=False)
     before = {k: v.clone() for k, v in trainer.teacher.state_dict().items()}
     records = []
@@ -117,7 +117,7 @@ def test_every_method_trains_and_the_teacher_stays_frozen(tmp_path, teacher_ckpt
 
 def test_resume_is_exact_with_adapters_and_fakd_statistics(tmp_path, teacher_ckpt):
     cfg = tiny(teacher=teacher_ckpt, methods={"nfd": 1.0, "fakd": {"lambda_0": 2.0}}, steps=4)
-    straight = DistillTrainer(cfg, tmp_path / "a", progress=False)
+    straight = build_trainer(cfg, tmp_path / "a", progress=False)
     straight.fit()
 
     class Stop(Exception):
@@ -127,10 +127,10 @@ def test_resume_is_exact_with_adapters_and_fakd_statistics(tmp_path, teacher_ckp
         if record["kind"] == "train" and record["step"] == 3:
             raise Stop
 
-    broken = DistillTrainer(cfg, tmp_path / "b", progress=False, callbacks=[stop])
+    broken = build_trainer(cfg, tmp_path / "b", progress=False, callbacks=[stop])
     with pytest.raises(Stop):
         broken.fit()
-    resumed = DistillTrainer(cfg, tmp_path / "b", progress=False)
+    resumed = build_trainer(cfg, tmp_path / "b", progress=False)
     resumed.fit(resume=True)
     for a, b in ((straight.model, resumed.model), (straight.losses, resumed.losses)):
         sa, sb = a.state_dict(), b.state_dict()
@@ -143,18 +143,18 @@ def test_resume_is_exact_with_adapters_and_fakd_statistics(tmp_path, teacher_ckp
 
 def test_teacher_with_other_class_count_is_refused(tmp_path):
     run = tmp_path / "t"
-    Trainer(tiny(steps=1, ckpt_every=0), run, progress=False).fit()
+    build_trainer(tiny(steps=1, ckpt_every=0), run, progress=False).fit()
     ckpt = torch.load(run / "model.pt", weights_only=True)
     ckpt["num_classes"] = 21
     torch.save(ckpt, run / "other.pt")
     with pytest.raises(ValueError, match="predicts 21 classes but the dataset has 9"):
-        DistillTrainer(tiny(teacher=str(run / "other.pt"), methods={"kd": 1.0}), tmp_path / "s",
+        build_trainer(tiny(teacher=str(run / "other.pt"), methods={"kd": 1.0}), tmp_path / "s",
                        progress=False)
 
 
 def test_unknown_method_is_refused(tmp_path, teacher_ckpt):
     with pytest.raises(ValueError, match="unknown distillation method 'crd'"):
-        DistillTrainer(tiny(teacher=teacher_ckpt, methods={"crd": 1.0}), tmp_path, progress=False)
+        build_trainer(tiny(teacher=teacher_ckpt, methods={"crd": 1.0}), tmp_path, progress=False)
 
 
 def test_methods_without_teacher_are_refused():
@@ -167,7 +167,7 @@ def test_fakd_with_a_3x3_head_is_refused(tmp_path, teacher_ckpt, monkeypatch):
     monkeypatch.setitem(PRESETS, "student-3x3", spec)
     cfg = tiny(model="student-3x3", teacher=teacher_ckpt, methods={"kd": 1.0, "fakd": {}})
     with pytest.raises(ValueError, match="linear on each position"):
-        DistillTrainer(cfg, tmp_path, progress=False)
+        build_trainer(cfg, tmp_path, progress=False)
 
 
 def _fake_run(root, name, methods, seed, miou, split="val", teacher=None):
@@ -229,7 +229,7 @@ def test_cached_teacher_outputs_equal_the_live_ones(tmp_path, teacher_ckpt):
 
     cfg = tiny(teacher=teacher_ckpt, methods={"kd": 1.0, "nfd": 1.0}, steps=1, flip=False,
                ckpt_every=0)
-    cached = DistillTrainer(cfg.replace(cache_teacher=True), tmp_path / "cached", progress=False)
+    cached = build_trainer(cfg.replace(cache_teacher=True), tmp_path / "cached", progress=False)
     cache = cached.teacher_cache
     assert cache["feats"].shape == (16, 64, 16, 16) and cache["logits"].shape == (16, 9, 16, 16)
     images = torch.stack([cached.train_set.dataset[i][0] for i in (3, 7, 11)])
@@ -239,61 +239,68 @@ def test_cached_teacher_outputs_equal_the_live_ones(tmp_path, teacher_ckpt):
     assert torch.allclose(cache["logits"][[3, 7, 11]], logits, atol=1e-5)
     first = {}
     for name, trainer in (("cached", cached),
-                          ("live", DistillTrainer(cfg, tmp_path / "live", progress=False))):
+                          ("live", build_trainer(cfg, tmp_path / "live", progress=False))):
         trainer.callbacks.append(lambda r, name=name: first.setdefault(name, r))
         trainer.fit()
     for key in ("task", "kd", "nfd"):
         assert first["cached"][key] == pytest.approx(first["live"][key], rel=1e-5), key
 
 
-def test_students_of_one_comparison_share_the_teacher_outputs(tmp_path, teacher_ckpt, monkeypatch):
+def test_students_of_one_comparison_share_the_teacher_outputs(tmp_path, teacher_ckpt):
     """A second student with the same teacher file and pool reuses the outputs (make demo
     trains three in a row); another pool or a rewritten teacher computes them again."""
-    import kdnb.train as train
+    from kdnb.distill import TeacherOutputs
 
-    monkeypatch.setattr(train, "_TEACHER_OUTPUTS", {})
+    shared = TeacherOutputs()
     cfg = tiny(teacher=teacher_ckpt, methods={"kd": 1.0}, steps=1, flip=False, ckpt_every=0,
                cache_teacher=True)
-    first = DistillTrainer(cfg, tmp_path / "a", progress=False).teacher_cache
-    second = DistillTrainer(cfg.replace(methods={"nfd": 1.0}, seed=3), tmp_path / "b",
-                            progress=False).teacher_cache
+    first = build_trainer(cfg, tmp_path / "a", progress=False,
+                  teacher_outputs=shared).teacher_cache
+    second = build_trainer(cfg.replace(methods={"nfd": 1.0}, seed=3), tmp_path / "b",
+                            progress=False,
+                  teacher_outputs=shared).teacher_cache
     assert second["logits"] is first["logits"] and second["feats"] is first["feats"]
     # A student that needs an encoder stage computes them again, with that stage; a student
     # of the head alone then reuses those (a superset), one of another stage does not.
-    staged = DistillTrainer(cfg.replace(methods={"nfd": {"layer": "stage2"}}), tmp_path / "s2",
-                            progress=False).teacher_cache
+    staged = build_trainer(cfg.replace(methods={"nfd": {"layer": "stage2"}}), tmp_path / "s2",
+                            progress=False,
+                  teacher_outputs=shared).teacher_cache
     assert set(staged) == {"feats", "logits", "stage2"} and staged["logits"] is not first["logits"]
-    head = DistillTrainer(cfg, tmp_path / "kd", progress=False).teacher_cache
+    head = build_trainer(cfg, tmp_path / "kd", progress=False,
+                  teacher_outputs=shared).teacher_cache
     assert set(head) == {"feats", "logits"} and head["logits"] is staged["logits"]
-    stage3 = DistillTrainer(cfg.replace(methods={"mse": {"layer": "stage3"}}), tmp_path / "s3",
-                            progress=False).teacher_cache
+    stage3 = build_trainer(cfg.replace(methods={"mse": {"layer": "stage3"}}), tmp_path / "s3",
+                            progress=False,
+                  teacher_outputs=shared).teacher_cache
     assert set(stage3) == {"feats", "logits", "stage3"} and stage3["logits"] is not head["logits"]
     other_pool = cfg.replace(data_kwargs={**cfg.data_kwargs, "length": 8})
-    third = DistillTrainer(other_pool, tmp_path / "c", progress=False).teacher_cache
+    third = build_trainer(other_pool, tmp_path / "c", progress=False,
+                  teacher_outputs=shared).teacher_cache
     assert third["logits"] is not stage3["logits"] and len(third["logits"]) == 8
     import os
     os.utime(teacher_ckpt, ns=(0, 0))  # the teacher file changed: computed again
-    again = DistillTrainer(other_pool, tmp_path / "d", progress=False).teacher_cache
+    again = build_trainer(other_pool, tmp_path / "d", progress=False,
+                  teacher_outputs=shared).teacher_cache
     assert again["logits"] is not third["logits"]
 
 
 def test_teacher_cache_refuses_random_augmentation(tmp_path, teacher_ckpt):
     cfg = tiny(teacher=teacher_ckpt, methods={"kd": 1.0}, cache_teacher=True)  # flip is on
     with pytest.raises(ValueError, match="fixed training pool"):
-        DistillTrainer(cfg, tmp_path, progress=False)
+        build_trainer(cfg, tmp_path, progress=False)
 
 
 def test_feature_losses_distil_an_encoder_stage(tmp_path, teacher_ckpt):
     """``layer="stageN"`` distils the encoder's output at stride 2**N: the adapter is sized
     for that stage's channels, the loss reads that map (cached or live, the same value),
     and the student's encoder gets the gradient."""
-    from kdnb.features import forward_with_features, stage_channels
+    from kdnb.features import stage_channels
 
     methods = {"nfd": {"weight": 1.0, "layer": "stage3"}, "mse": {"weight": 1.0}, "kd": 1.0}
     cfg = tiny(teacher=teacher_ckpt, methods=methods, steps=1, flip=False, ckpt_every=0)
     first = {}
     for name, cache in (("cached", True), ("live", False)):
-        trainer = DistillTrainer(cfg.replace(cache_teacher=cache), tmp_path / name,
+        trainer = build_trainer(cfg.replace(cache_teacher=cache), tmp_path / name,
                                  progress=False)
         assert trainer.layers == {"nfd": 3, "mse": None, "kd": None} and trainer.stages == [3]
         adapter = trainer.losses["nfd"].adapter
@@ -309,7 +316,7 @@ def test_feature_losses_distil_an_encoder_stage(tmp_path, teacher_ckpt):
     for key in ("task", "kd", "nfd", "mse"):
         assert first["cached"][key] == pytest.approx(first["live"][key], rel=1e-5), key
     # The stage-3 loss differs from the head one: the layer is really another map.
-    head = DistillTrainer(tiny(teacher=teacher_ckpt, methods={"nfd": 1.0}, steps=1,
+    head = build_trainer(tiny(teacher=teacher_ckpt, methods={"nfd": 1.0}, steps=1,
                                ckpt_every=0), tmp_path / "head", progress=False)
     head.callbacks.append(lambda r: first.setdefault("head", r))
     head.fit()
@@ -317,7 +324,7 @@ def test_feature_losses_distil_an_encoder_stage(tmp_path, teacher_ckpt):
     assert parse_methods("nfd=2", ["nfd.layer=stage3"]) == {"nfd": {"weight": 2.0,
                                                                     "layer": "stage3"}}
     images = torch.rand(2, 3, 64, 64)
-    _, maps = forward_with_features(head.model, images, stages=[2, 4])
+    _, maps = head.model(images, features=True, stages=[2, 4])
     assert maps["stage2"].shape[-1] == 16 and maps["stage4"].shape[-1] == 4
 
 
@@ -330,7 +337,7 @@ def test_feature_losses_distil_an_encoder_stage(tmp_path, teacher_ckpt):
 ])
 def test_layer_errors(tmp_path, teacher_ckpt, methods, words):
     with pytest.raises(ValueError, match=words):
-        DistillTrainer(tiny(teacher=teacher_ckpt, methods=methods), tmp_path / "run",
+        build_trainer(tiny(teacher=teacher_ckpt, methods=methods), tmp_path / "run",
                        progress=False)
 
 
@@ -340,7 +347,7 @@ def test_fakd_augments_a_feature_loss_at_its_encoder_stage(tmp_path, teacher_ckp
     methods = {"mse": {"weight": 1.0, "layer": "stage2"}, "fakd": {"lambda_0": 1.0}}
     assert resolve_methods(methods) == {"fakd": {"weight": 1.0, "on": "feats", "layer": "stage2",
                                                  "lambda_0": 1.0}}
-    trainer = DistillTrainer(tiny(teacher=teacher_ckpt, methods=methods, steps=2, ckpt_every=0),
+    trainer = build_trainer(tiny(teacher=teacher_ckpt, methods=methods, steps=2, ckpt_every=0),
                              tmp_path / "run", progress=False)
     assert trainer.layers == {"fakd": 2} and trainer.stages == [2]
     fakd = trainer.losses["fakd"]
@@ -358,3 +365,42 @@ def test_runs_at_another_layer_form_their_own_group():
     assert method_label({"nfd": 2.0, "kd": {"weight": 1.0}}) == "kd+nfd"
     assert method_label({"nfd": {"weight": 8.0, "layer": "stage2"}, "fakd": {}}) == "fakd+nfd@stage2"
     assert method_label({"mse": {"layer": "head"}}) == "mse"
+
+
+def _cxx_compiler() -> str | None:
+    import os
+    import shutil
+
+    return next((p for p in (os.environ.get("CXX"), "g++", "c++", "clang++") if p and shutil.which(p)),
+                None)
+
+
+@pytest.mark.skipif(_cxx_compiler() is None,
+                    reason="torch.compile's CPU backend (inductor) needs a C++ compiler; none found")
+def test_compiled_step_gives_the_eager_loss_dict_and_gradients(monkeypatch):
+    """The step has no hooks, so it compiles: under torch.compile the loss dict and the
+    gradients equal the eager ones (a small FPN-ResNet18 pair; eval mode, so BatchNorm's
+    batch statistics do not amplify rounding; about a minute of compilation on 2 cores)."""
+    from kdnb.distill import build_distill_losses, distill_step
+    from kdnb.models import Preset, build_model
+
+    monkeypatch.setitem(PRESETS, "tiny-fpn", Preset(
+        "FPN", "resnet18", {"decoder_pyramid_channels": 32, "decoder_segmentation_channels": 32}))
+    torch.manual_seed(0)
+    student = build_model("tiny-fpn", 5).eval()
+    teacher = build_model("tiny-fpn", 5, decoder_segmentation_channels=64).eval()
+    teacher.requires_grad_(False)
+    losses = build_distill_losses({"kd": 1.0, "nfd": {"weight": 2.0, "layer": "stage2"},
+                                   "mse": 0.5}, student=student, teacher=teacher, num_classes=5)
+    images, masks = torch.rand(4, 3, 64, 64), torch.randint(0, 5, (4, 64, 64))
+    params = [*student.parameters(), *losses.parameters()]
+    eager = distill_step(student, teacher, losses, images, masks)
+    eager_grads = torch.autograd.grad(eager["loss"], params)
+    compiled = torch.compile(distill_step)(student, teacher, losses, images, masks)
+    compiled_grads = torch.autograd.grad(compiled["loss"], params)
+    assert compiled.keys() == eager.keys() == {"loss", "task", "kd", "nfd", "mse"}
+    for key in eager:
+        assert torch.allclose(compiled[key], eager[key], rtol=1e-5, atol=1e-6), key
+    a = torch.cat([g.flatten() for g in eager_grads])
+    b = torch.cat([g.flatten() for g in compiled_grads])
+    assert (a - b).norm() <= 1e-4 * a.norm()

@@ -18,9 +18,9 @@ import torch
 
 from kdnb.cli import main
 from kdnb.config import TrainConfig
-from kdnb.train import (CheckpointError, CheckpointWarning, Trainer, atomic_save,
-                        checkpoint_paths, file_sha256, load_checkpoint, manifest_path,
-                        model_from_checkpoint)
+from kdnb.build import build_trainer
+from kdnb.checkpoint import (CheckpointError, CheckpointWarning, atomic_save, checkpoint_paths,
+                             file_sha256, load_checkpoint, manifest_path, model_from_checkpoint)
 
 DRIVER = r'''
 """Trains a run; with a kill point, SIGKILLs itself there (argv: config, run_dir, kill, mode)."""
@@ -32,7 +32,7 @@ import sys
 
 import torch
 
-from kdnb import train
+from kdnb import build
 from kdnb.config import TrainConfig
 
 cfg = TrainConfig.from_dict(json.loads(sys.argv[1]))
@@ -71,7 +71,7 @@ if what == "rename":  # the n-th checkpoint is written and fsynced, never rename
         return real_replace(src, dst)
 
     os.replace = replace
-trainer = train.make_trainer(cfg, run_dir, progress=False)
+trainer = build.build_trainer(cfg, run_dir, progress=False)
 if what == "step":  # inside step n: after the backward pass, before the optimizer's update
     def hook(optimizer, args, kwargs):
         if trainer.step + 1 == n:
@@ -123,7 +123,7 @@ def test_sigkill_anywhere_then_resume_ends_with_the_same_weights(tmp_path):
     cfg = tiny()
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER)
-    straight = Trainer(cfg, tmp_path / "straight", progress=False)
+    straight = build_trainer(cfg, tmp_path / "straight", progress=False)
     straight.fit()
     run = tmp_path / "killed"
     killed = -signal.SIGKILL
@@ -183,7 +183,7 @@ def test_sigkill_anywhere_then_resume_ends_with_the_same_weights(tmp_path):
 def test_killed_distillation_resumes_with_adapters_and_fakd_statistics(tmp_path):
     """A distillation run killed mid-step ends as the uninterrupted one: the student, the
     loss modules' adapters and FAKD's class statistics, and every logged loss term."""
-    Trainer(tiny(model="synth-teacher", steps=2, ckpt_every=0), tmp_path / "teacher",
+    build_trainer(tiny(model="synth-teacher", steps=2, ckpt_every=0), tmp_path / "teacher",
             progress=False).fit()
     cfg = tiny(teacher=str(tmp_path / "teacher" / "model.pt"), steps=8, ckpt_every=3,
                methods={"kd": 1.0, "nfd": {"weight": 1.0}, "fakd": {"lambda_0": 1.0, "on": "nfd"}})
@@ -220,7 +220,7 @@ def test_killed_distillation_resumes_with_adapters_and_fakd_statistics(tmp_path)
 def finished_run(tmp_path_factory):
     """A finished 4-step run: ckpt-2, ckpt-4 and model.pt, each with its manifest."""
     run = tmp_path_factory.mktemp("run") / "run"
-    Trainer(tiny(steps=4), run, progress=False).fit()
+    build_trainer(tiny(steps=4), run, progress=False).fit()
     return run
 
 
@@ -248,7 +248,7 @@ def test_truncated_checkpoint_is_named_and_resume_uses_the_previous_one(run, cap
     assert main(["eval", "--ckpt", str(newest)]) == 2
     message = capsys.readouterr().err
     assert "ckpt-0000004.pt is truncated" in message and "earlier checkpoint" in message
-    trainer = Trainer(tiny(steps=4), run, progress=False)
+    trainer = build_trainer(tiny(steps=4), run, progress=False)
     with pytest.warns(CheckpointWarning, match="skipping ckpt-0000004.pt.*truncated"):
         assert trainer.resume()
     assert trainer.step == 2
@@ -269,7 +269,7 @@ def test_no_good_checkpoint_is_an_error_not_a_silent_restart(run):
         path.write_bytes(path.read_bytes()[:100])
     before = (run / "metrics.jsonl").read_bytes()
     with pytest.warns(CheckpointWarning), pytest.raises(CheckpointError, match="none of the"):
-        Trainer(tiny(steps=4), run, progress=False).fit(resume=True)
+        build_trainer(tiny(steps=4), run, progress=False).fit(resume=True)
     assert (run / "metrics.jsonl").read_bytes() == before
 
 

@@ -301,7 +301,7 @@ def structured_features() -> torch.Tensor:
             + 3 * randn(1, 1, h, w, seed=5))
 
 
-# the axes each normalization is named for (METHODS.md), written out, not read from kdnb
+# the axes each normalization is named for (docs/METHODS.md, section NFD), written out, not read from kdnb
 AXES = {"channel": (2, 3), "spatial": (1,), "layer": (1, 2, 3), "batch": (0, 2, 3)}
 
 
@@ -434,7 +434,7 @@ def test_every_registered_method_has_a_kind_and_a_weight():
         info = METHODS[name]
         assert info.kind in ("response", "feature", "relation") and info.weight >= 0
     weights = {n: METHODS[n].weight for n in ("kd", "cwd", "skd", "ifvd")}
-    assert weights == {"kd": 1.0, "cwd": 3.0, "skd": 10.0, "ifvd": 20.0}  # METHODS.md
+    assert weights == {"kd": 1.0, "cwd": 3.0, "skd": 10.0, "ifvd": 20.0}  # docs/METHODS.md, "Conventions"
     names = ("kd", "cwd", "dist", "mse", "at", "nfd", "skd", "ifvd")
     losses = build_losses(dict.fromkeys(names), student_channels=6, teacher_channels=10,
                           num_classes=K)

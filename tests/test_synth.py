@@ -88,7 +88,7 @@ def test_build_dataset_synth_and_lengths():
     ({"label_noise": 0.5}, "label_noise"),
     ({"label_noise": -0.1}, "label_noise"),
     ({"unlabelled": 1.0}, "unlabelled"),
-    ({"train_length": 0}, "at least one sample"),
+    ({"length": 0}, "at least one sample"),
     ({"unlabelled": -0.2}, "unlabelled"),
 ])
 def test_bad_arguments(kwargs, words):
@@ -154,14 +154,3 @@ def test_unlabelled_objects_are_ignored_in_train_masks_only():
         a, b = SynthScenes(split, size=64, length=20), SynthScenes(split, size=64, length=20,
                                                                      unlabelled=0.5)
         assert all(torch.equal(a[i][1], b[i][1]) for i in range(20))
-
-
-def test_train_length_shrinks_the_pool_only():
-    """``train_length`` keeps the first samples of the train split; val and test keep
-    their default sizes, so a smaller pool is scored on the same held-out images."""
-    pool = SynthScenes("train", size=64, train_length=50)
-    assert len(pool) == 50
-    assert torch.equal(pool[49][0], SynthScenes("train", size=64)[49][0])
-    assert len(SynthScenes("val", size=64, train_length=50)) == len(SynthScenes("val"))
-    assert len(SynthScenes("test", size=64, train_length=50)) == len(SynthScenes("test"))
-    assert len(SynthScenes("train", size=64, length=10, train_length=50)) == 10

@@ -6,8 +6,11 @@ import pytest
 import torch
 
 from kdnb.config import TrainConfig
-from kdnb.train import (CheckpointWarning, NonFiniteLossError, StepSampler, Trainer, atomic_save,
-                        checkpoint_paths, load_checkpoint, model_from_checkpoint)
+from kdnb.build import build_trainer
+from kdnb.checkpoint import (CheckpointWarning, atomic_save, checkpoint_paths, load_checkpoint,
+                             model_from_checkpoint)
+from kdnb.data import StepSampler
+from kdnb.train import NonFiniteLossError, Trainer
 
 
 def tiny(**changes) -> TrainConfig:
@@ -32,15 +35,15 @@ def stop_at(step):
 
 def test_resume_ends_with_the_same_weights(tmp_path):
     cfg = tiny()
-    straight = Trainer(cfg, tmp_path / "a", progress=False)
+    straight = build_trainer(cfg, tmp_path / "a", progress=False)
     straight.fit()
     # A run interrupted after the step-3 checkpoint was written (the callback fires at the
     # step-4 log), then resumed by a fresh process-like Trainer.
-    broken = Trainer(cfg, tmp_path / "b", progress=False, callbacks=[stop_at(4)])
+    broken = build_trainer(cfg, tmp_path / "b", progress=False, callbacks=[stop_at(4)])
     with pytest.raises(Stop):
         broken.fit()
     assert [p.name for p in checkpoint_paths(tmp_path / "b")] == ["ckpt-0000003.pt"]
-    resumed = Trainer(cfg, tmp_path / "b", progress=False)
+    resumed = build_trainer(cfg, tmp_path / "b", progress=False)
     resumed.fit(resume=True)
     a, b = straight.model.state_dict(), resumed.model.state_dict()
     for key in a:
@@ -52,7 +55,7 @@ def test_resume_ends_with_the_same_weights(tmp_path):
 
 def test_run_directory_contents(tmp_path):
     cfg = tiny(steps=4, ckpt_every=2, keep_checkpoints=1, eval_every=2)
-    final = Trainer(cfg, tmp_path, progress=False).fit()
+    final = build_trainer(cfg, tmp_path, progress=False).fit()
     assert json.loads((tmp_path / "config.json").read_text()) == json.loads(json.dumps(cfg.to_dict()))
     assert [p.name for p in checkpoint_paths(tmp_path)] == ["ckpt-0000004.pt"]
     records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -76,19 +79,19 @@ def test_sampler_is_deterministic_and_shards_the_global_batch():
 
 
 def test_existing_run_without_resume_is_refused(tmp_path):
-    Trainer(tiny(steps=3), tmp_path, progress=False).fit()
+    build_trainer(tiny(steps=3), tmp_path, progress=False).fit()
     with pytest.raises(FileExistsError, match="--resume"):
-        Trainer(tiny(steps=3), tmp_path, progress=False).fit()
+        build_trainer(tiny(steps=3), tmp_path, progress=False).fit()
 
 
 def test_resume_with_another_config_is_refused(tmp_path):
-    Trainer(tiny(steps=3), tmp_path, progress=False).fit()
+    build_trainer(tiny(steps=3), tmp_path, progress=False).fit()
     with pytest.raises(ValueError, match=r"differs in \['lr'\]"):
-        Trainer(tiny(steps=3, lr=0.1), tmp_path, progress=False).fit(resume=True)
+        build_trainer(tiny(steps=3, lr=0.1), tmp_path, progress=False).fit(resume=True)
 
 
 def test_checkpoint_from_another_model_is_named(tmp_path):
-    Trainer(tiny(steps=3), tmp_path, progress=False).fit()
+    build_trainer(tiny(steps=3), tmp_path, progress=False).fit()
     with pytest.raises(ValueError, match="holds preset 'synth-student', not 'synth-teacher'"):
         model_from_checkpoint(tmp_path / "model.pt", preset="synth-teacher")
     with pytest.raises(ValueError, match="predicts 9 classes but the dataset has 21"):
@@ -102,15 +105,15 @@ def test_checkpoint_from_another_model_is_named(tmp_path):
 
 def test_truncated_checkpoint_is_skipped_on_resume(tmp_path):
     cfg = tiny(steps=6, ckpt_every=3)
-    Trainer(cfg, tmp_path, progress=False, callbacks=[stop_at(4)])
+    build_trainer(cfg, tmp_path, progress=False, callbacks=[stop_at(4)])
     with pytest.raises(Stop):
-        Trainer(cfg, tmp_path, progress=False, callbacks=[stop_at(4)]).fit()
+        build_trainer(cfg, tmp_path, progress=False, callbacks=[stop_at(4)]).fit()
     good = tmp_path / "ckpt-0000003.pt"
     bad = tmp_path / "ckpt-0000005.pt"
     bad.write_bytes(good.read_bytes()[:1000])
     with pytest.raises(RuntimeError, match="unreadable"):
         load_checkpoint(bad)
-    trainer = Trainer(cfg, tmp_path, progress=False)
+    trainer = build_trainer(cfg, tmp_path, progress=False)
     with pytest.warns(CheckpointWarning, match="skipping ckpt-0000005.pt.*unreadable"):
         assert trainer.resume() and trainer.step == 3
 
@@ -154,7 +157,7 @@ def test_nonfinite_loss_stops_before_anything_corrupt_is_written(tmp_path):
     # The loss turns NaN at step 5; the next sync point is the step-6 checkpoint.
     cfg = tiny(steps=8, ckpt_every=3, log_every=4)
     with pytest.raises(NonFiniteLossError) as err:
-        Poisoned(cfg, tmp_path, progress=False).fit()
+        build_trainer(cfg, tmp_path, progress=False, trainer_class=Poisoned).fit()
     message = str(err.value)
     assert "not finite at step 5 (loss=nan)" in message
     assert "ckpt-0000003.pt, is clean" in message
@@ -166,7 +169,8 @@ def test_nonfinite_loss_stops_before_anything_corrupt_is_written(tmp_path):
     assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
     assert [r["step"] for r in strict_records(tmp_path)] == [4]
     # The fix the message suggests: resume with --skip-nonfinite (allowed to change).
-    resumed = Poisoned(cfg.replace(skip_nonfinite=True), tmp_path, progress=False)
+    resumed = build_trainer(cfg.replace(skip_nonfinite=True), tmp_path, progress=False,
+                            trainer_class=Poisoned)
     resumed.fit(resume=True)
     records = strict_records(tmp_path)
     assert [(r["step"], r["skipped"]) for r in records if r["kind"] == "train"] == [
@@ -176,7 +180,7 @@ def test_nonfinite_loss_stops_before_anything_corrupt_is_written(tmp_path):
 
 def test_skipped_steps_change_neither_weights_nor_optimizer_state(tmp_path):
     cfg = tiny(steps=5, ckpt_every=0, skip_nonfinite=True)
-    trainer = Poisoned(cfg, tmp_path, progress=False)
+    trainer = build_trainer(cfg, tmp_path, progress=False, trainer_class=Poisoned)
     trainer.poison_steps = (3, 4)
     states = {}
 
@@ -202,7 +206,7 @@ def test_skipped_steps_change_neither_weights_nor_optimizer_state(tmp_path):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_nonfinite_watch_costs_no_host_sync_per_step(tmp_path):
-    trainer = Trainer(tiny(device="cuda"), tmp_path, progress=False)
+    trainer = build_trainer(tiny(device="cuda"), tmp_path, progress=False)
     nan = {"loss": torch.tensor(float("nan"), device="cuda"),
            "task": torch.tensor(1.0, device="cuda")}
     fine = {k: torch.ones((), device="cuda") for k in nan}

@@ -1,7 +1,7 @@
 """Joint transforms: consistent image/mask geometry, ignore padding, per-sample seeding."""
 import torch
 
-from kdnb.data import Augmented, EvalTransform, SynthScenes, TrainTransform, build_dataset
+from kdnb.data import Augmented, SynthScenes, TrainTransform, build_dataset
 
 
 def _pair(h=40, w=60):
@@ -57,10 +57,3 @@ def test_build_dataset_train_flag_wraps_with_transform():
                        crop_size=(32, 32), scale_range=(0.5, 1.0))
     image, mask = ds[(0, 0)]
     assert image.shape == (3, 32, 32) and mask.shape == (32, 32)
-
-
-def test_eval_transform_resizes_short_side():
-    image, mask = _pair(40, 60)
-    out_image, out_mask = EvalTransform(short_side=20)(image, mask)
-    assert out_image.shape == (3, 20, 30) and out_mask.shape == (20, 30)
-    assert EvalTransform()(image, mask)[0] is image

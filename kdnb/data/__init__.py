@@ -19,12 +19,13 @@ from pathlib import Path
 from .base import (IGNORE_INDEX, DatasetNotFoundError, SegmentationFolder, data_root,
                    read_image, read_label)
 from .synth import SynthScenes
-from .transforms import Augmented, EvalTransform, TrainTransform
+from .sampler import Indexed, StepSampler, collate
+from .transforms import Augmented, TrainTransform
 
 #: dataset name -> module under kdnb.data (SynthScenes is built in).
 REAL_DATASETS = {"voc": "voc", "cityscapes": "cityscapes", "ade20k": "ade20k", "camvid": "camvid"}
 
-#: default training crop per dataset (METHODS.md recipes); SynthScenes keeps its size.
+#: default training crop per dataset (docs/METHODS.md, "Training recipe and model pairs"); SynthScenes keeps its size.
 DEFAULT_CROP = {"voc": (512, 512), "cityscapes": (512, 1024), "ade20k": (512, 512),
                 "camvid": (360, 480)}
 
@@ -152,8 +153,9 @@ def check_crop(crop_size, scale_range, sizes) -> None:
 
 
 __all__ = [
-    "Augmented", "DatasetNotFoundError", "EvalTransform", "IGNORE_INDEX", "SegmentationFolder",
-    "SynthScenes", "TrainTransform", "available_datasets", "build_dataset", "check_crop",
+    "Augmented", "DatasetNotFoundError", "IGNORE_INDEX", "Indexed", "SegmentationFolder",
+    "StepSampler", "SynthScenes", "TrainTransform", "available_datasets", "build_dataset",
+    "check_crop", "collate",
     "data_root", "dataset_info", "dataset_module", "read_image", "read_label",
     "validate_dataset",
 ]

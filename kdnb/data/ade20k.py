@@ -16,7 +16,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .base import SegmentationFolder, lookup_table, missing_error, missing_folder
+from .base import (SegmentationFolder, lookup_table, missing_error, missing_folder,
+                   paired_labels)
 
 CLASSES = (
     "wall", "building", "sky", "floor", "tree", "ceiling", "road", "bed", "windowpane",
@@ -107,13 +108,8 @@ def build(root: Path, split: str = "train", **kw) -> SegmentationFolder:
     images = sorted(image_dir.glob("*.jpg"))
     if not images:
         raise missing_error("ade20k", image_dir, "*.jpg images", HOW_TO_GET)
-    pairs = []
-    for image in images:
-        label = label_dir / f"{image.stem}.png"
-        if not label.is_file():
-            raise missing_error("ade20k", label_dir, f"{label.name}, the label of {image}",
-                                HOW_TO_GET)
-        pairs.append((image, label))
+    pairs = paired_labels("ade20k", images, lambda image: label_dir / f"{image.stem}.png",
+                          HOW_TO_GET)
     return SegmentationFolder(pairs, num_classes=NUM_CLASSES, table=label_table(),
                               classes=CLASSES, palette=PALETTE, **kw)
 

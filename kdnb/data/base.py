@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -45,6 +45,19 @@ def missing_error(name: str, looked: Path, what: str, how: str) -> DatasetNotFou
         f"{name} not found: looked for {what} in {looked}. {how} "
         f"Point kdnb elsewhere with root=... / --root DIR or the {ENV_ROOT} environment variable; "
         "data/README.md explains each dataset's layout.")
+
+
+def paired_labels(name: str, images: list[Path], label_of: Callable[[Path], Path], how: str
+                  ) -> list[tuple[Path, Path]]:
+    """``(image, label)`` pairs, ``label_of(image)`` giving each image's label file; the first
+    image without one raises :func:`missing_error`, naming both."""
+    pairs = []
+    for image in images:
+        label = label_of(image)
+        if not label.is_file():
+            raise missing_error(name, label.parent, f"{label.name}, the label of {image}", how)
+        pairs.append((image, label))
+    return pairs
 
 
 def missing_folder(root: str | os.PathLike, folder: str) -> str:

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .base import SegmentationFolder, lookup_table, missing_error, missing_folder
+from .base import (SegmentationFolder, lookup_table, missing_error, missing_folder,
+                   paired_labels)
 
 CLASSES = ("Sky", "Building", "Pole", "Road", "Pavement", "Tree", "SignSymbol", "Fence", "Car",
            "Pedestrian", "Bicyclist")
@@ -76,12 +77,6 @@ def build(root: Path, split: str = "train", **kw) -> SegmentationFolder:
     images = sorted(image_dir.glob("*.png"))
     if not images:
         raise missing_error("camvid", image_dir, "*.png images", HOW_TO_GET)
-    pairs = []
-    for image in images:
-        label = label_dir / image.name
-        if not label.is_file():
-            raise missing_error("camvid", label_dir, f"{label.name}, the label of {image}",
-                                HOW_TO_GET)
-        pairs.append((image, label))
+    pairs = paired_labels("camvid", images, lambda image: label_dir / image.name, HOW_TO_GET)
     return SegmentationFolder(pairs, num_classes=NUM_CLASSES, table=label_table(),
                               classes=CLASSES, palette=PALETTE, **kw)

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .base import SegmentationFolder, lookup_table, missing_error, missing_folder
+from .base import (SegmentationFolder, lookup_table, missing_error, missing_folder,
+                   paired_labels)
 
 CLASSES = (
     "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign",
@@ -90,13 +91,8 @@ def build(root: Path, split: str = "train", **kw) -> SegmentationFolder:
     images = sorted(image_dir.glob(f"*/*{_IMAGE_SUFFIX}"))
     if not images:
         raise missing_error("cityscapes", image_dir, f"<city>/*{_IMAGE_SUFFIX}", HOW_TO_GET)
-    pairs = []
-    for image in images:
-        name = image.name[: -len(_IMAGE_SUFFIX)]
-        label = label_dir / image.parent.name / f"{name}{_LABEL_SUFFIX}"
-        if not label.is_file():
-            raise missing_error("cityscapes", label.parent,
-                                f"{label.name}, the label of {image}", HOW_TO_GET)
-        pairs.append((image, label))
+    pairs = paired_labels("cityscapes", images, lambda image: (
+        label_dir / image.parent.name / f"{image.name[:-len(_IMAGE_SUFFIX)]}{_LABEL_SUFFIX}"),
+        HOW_TO_GET)
     return SegmentationFolder(pairs, num_classes=NUM_CLASSES, table=label_table(),
                               classes=CLASSES, palette=PALETTE, **kw)

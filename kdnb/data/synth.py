@@ -73,10 +73,6 @@ class SynthScenes(Dataset):
         split: ``"train"``, ``"val"`` or ``"test"``.
         size: height and width of every image, in pixels.
         length: number of samples; default 4000 / 2000 / 4000 for train / val / test.
-        train_length: the size of the training pool alone (the first ``train_length``
-            train samples); ignored by val and test, so one ``data_kwargs`` can shrink
-            the pool without changing the held-out splits. ``length`` wins when both
-            are given.
         seed: dataset seed; two seeds give two unrelated datasets.
         objects: inclusive range of the number of objects per scene.
         distractor_prob: probability that an object is a (background) distractor.
@@ -104,7 +100,7 @@ class SynthScenes(Dataset):
     ignore_index = 255
 
     def __init__(self, split: str = "train", *, size: int = 96, length: int | None = None,
-                 train_length: int | None = None, seed: int = 0, objects: tuple[int, int] = (2, 5),
+                 seed: int = 0, objects: tuple[int, int] = (2, 5),
                  distractor_prob: float = 0.2, scale: tuple[float, float] = (0.10, 0.30),
                  hue_jitter: float = 0.08, label_noise: float = 0.0, unlabelled: float = 0.0):
         if split not in SPLITS:
@@ -114,8 +110,6 @@ class SynthScenes(Dataset):
         if not 0 < scale[0] <= scale[1] < 0.5:
             raise ValueError(f"scale={scale} must satisfy 0 < min <= max < 0.5 (radius / size)")
         self.split, self.size, self.seed = split, int(size), int(seed)
-        if length is None and split == "train" and train_length is not None:
-            length = train_length
         self.length = DEFAULT_LENGTHS[split] if length is None else int(length)
         if self.length < 1:
             raise ValueError(f"length={self.length}: a split needs at least one sample")

@@ -30,7 +30,7 @@ class TrainTransform:
 
     Args:
         crop_size: ``(h, w)`` of the output, or None to keep the scaled size (no crop).
-        scale_range: random rescale factor range (METHODS.md: 0.5-2.0).
+        scale_range: random rescale factor range (docs/METHODS.md, "Training recipe": 0.5-2.0).
         flip: random horizontal flip with probability 0.5.
         ignore_index: label of padded pixels.
     """
@@ -73,24 +73,6 @@ class TrainTransform:
         if self.flip and float(torch.rand((), generator=g)) < 0.5:
             image, mask = TF.horizontal_flip(image), TF.horizontal_flip(mask)
         return image.clamp(0.0, 1.0), mask.as_subclass(torch.Tensor)
-
-
-@dataclass
-class EvalTransform:
-    """Optional resize of the shorter side (image bilinear, mask nearest); no randomness.
-
-    Args:
-        short_side: target length of the shorter side, or None to keep the native size.
-    """
-
-    short_side: int | None = None
-
-    def __call__(self, image: torch.Tensor, mask: torch.Tensor, g=None):
-        if self.short_side is None:
-            return image, mask
-        image = TF.resize(image, self.short_side, antialias=True)
-        mask = TF.resize(tv_tensors.Mask(mask), self.short_side).as_subclass(torch.Tensor)
-        return image, mask
 
 
 class Augmented(Dataset):

@@ -18,7 +18,8 @@ Each closed form *contains* the loss it augments (at ``lambda = 0`` it is that l
 trainer running "kd + fakd" uses the FAKD term *in place of* the plain KD term.
 
 The paper's code was not available: this is the ISDA construction (Wang et al. 2019) with
-the teacher's soft targets in place of one-hot labels (ours), as specified in METHODS.md.
+the teacher's soft targets in place of one-hot labels (ours), as docs/METHODS.md, section FAKD,
+states it.
 
 Reference:
     Yuan et al., "FAKD: Feature Augmented Knowledge Distillation for Semantic
@@ -38,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from kdnb.features import match_size
+from kdnb.features import match_size, resize_labels
 from kdnb.losses.feature import make_adapter
 
 __all__ = [
@@ -72,10 +73,7 @@ def _labels_at(masks: torch.Tensor, size: tuple[int, int], batch: int, what: str
                          f"maps they label), got {tuple(masks.shape)}")
     if masks.is_floating_point():
         raise ValueError(f"{what}: masks must hold integer labels, got dtype {masks.dtype}")
-    if tuple(masks.shape[-2:]) != tuple(size):
-        # Nearest on floats is exact for labels (< 2^24) and never invents a class.
-        masks = F.interpolate(masks[:, None].float(), size=tuple(size), mode="nearest")[:, 0]
-    return masks.long()
+    return resize_labels(masks, size)
 
 
 def _bad_labels_error(labels: torch.Tensor, num_classes: int, ignore_index: int,
@@ -163,8 +161,9 @@ class ClassCovariance(nn.Module):
 
     Keeps, per class ``k``, the count ``n_k``, the sum ``s_k`` and the sum of outer
     products ``S_k = sum x x^T`` (or of squares, when ``diagonal``), all float64 buffers:
-    the running result equals ``torch.cov`` over every feature ever seen (not an
-    exponential average, unlike ISDA's code), ``state_dict`` resumes it exactly, two
+    the running result equals ``torch.cov`` over every feature ever seen (ISDA's
+    ``EstimatorCV`` keeps the same running statistics in float32 and divides by ``n``,
+    not ``n - 1``), ``state_dict`` resumes it exactly, two
     estimators merge by adding, and DDP all-reduces sums and counts (never covariances).
 
     Args:
@@ -595,10 +594,17 @@ def fakd_feature_bound(adapted_student_feats: torch.Tensor, teacher_feats: torch
         return mse + lam * added.mean()
 
 
-def _channel_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
+def _standardize(x: torch.Tensor, eps: float, added_var: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x - mean) / s`` per sample and channel over ``h, w``, with ``s^2 = var + added_var
+    + eps`` (biased variance); returns ``(standardized, s^2)``. Without ``added_var`` this
+    is NFD's channel normalization (:func:`kdnb.losses.normalize_features`, to rounding);
+    the bound below uses it for the teacher's map and, with the noise's expected
+    variance added, for the student's."""
     mean = x.mean((2, 3), keepdim=True)
     var = x.var((2, 3), unbiased=False, keepdim=True)
-    return (x - mean) / torch.sqrt(var + eps)
+    scale2 = (var if added_var is None else var + added_var) + eps
+    return (x - mean) / torch.sqrt(scale2), scale2
 
 
 def fakd_nfd_bound(adapted_student_feats: torch.Tensor, teacher_feats: torch.Tensor,
@@ -659,12 +665,9 @@ def fakd_nfd_bound(adapted_student_feats: torch.Tensor, teacher_feats: torch.Ten
                                                 ignore_index, validate, what)
         u = adapted_student_feats.to(teacher.dtype)
         n = u.shape[2] * u.shape[3]
-        mean = u.mean((2, 3), keepdim=True)
-        var = u.var((2, 3), unbiased=False, keepdim=True)
         added_mean = added.mean((2, 3), keepdim=True)  # D_bar, (B, C_t, 1, 1)
-        scale2 = var + lam * (1 - 1 / n) * added_mean + eps
-        normalized = (u - mean) / torch.sqrt(scale2)
-        target = _channel_normalize(teacher, eps)
+        normalized, scale2 = _standardize(u, eps, lam * (1 - 1 / n) * added_mean)
+        target, _ = _standardize(teacher, eps)
         noise = lam * ((1 - 2 / n) * added + added_mean / n)  # E (e_i - mean(e))^2
         return ((normalized - target).square() + noise / scale2).mean()
 

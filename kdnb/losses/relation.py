@@ -15,17 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdnb.features import match_size
+from kdnb.features import match_size, resize_labels
 from kdnb.losses.feature import _check_features, _upcast, matched_feats
 
 __all__ = ["skd_pairwise_loss", "ifvd_loss", "SKDLoss", "IFVDLoss"]
-
-
-def _masks_at(masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Nearest-resizes label masks ``(B, H, W)`` to ``size`` (labels are never blended)."""
-    if tuple(masks.shape[-2:]) == tuple(size):
-        return masks.long()
-    return F.interpolate(masks[:, None].float(), size=tuple(size), mode="nearest")[:, 0].long()
 
 
 def _full_precision(device: torch.device):
@@ -57,10 +50,11 @@ def skd_pairwise_loss(student_feats: torch.Tensor, teacher_feats: torch.Tensor, 
     inputs by 2 and pooling by 2 gives the loss of the original maps with ``pool=1``.
     Cost: ``S`` has ``B*N^2`` entries (64x128 head features, pool 2: 2048^2 per image).
 
-    **(ours)** The window is a fixed ``pool x pool`` (METHODS.md: "2x2 max-pool"). The
-    SKD/CIRKD code instead pools with a window of ``scale`` (0.5) times the map, which
-    leaves a 2x2 grid of positions; use ``pool=h // 2`` for that. We also differentiate
-    through the L2 norm, which their code detaches.
+    The window is a fixed ``pool x pool``, as in CIRKD's ``losses/skd.py`` (2x2 max-pool,
+    ``F.normalize``, gradients through the norm): ``pool=2`` is CIRKD's loss. The SKD
+    authors' code instead pools with a window of ``scale`` (0.5) times the map, which
+    leaves a 2x2 grid of positions (use ``pool=h // 2`` for that), and detaches the L2
+    norm; kdnb does not (docs/METHODS.md, section SKD).
 
     Args:
         student_feats: student features.
@@ -150,7 +144,7 @@ def ifvd_loss(student_feats: torch.Tensor, teacher_feats: torch.Tensor, masks: t
                          f"got {tuple(masks.shape)}")
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-    m = _masks_at(masks, (h, w)).flatten(1)  # (B, h*w)
+    m = resize_labels(masks, (h, w)).flatten(1)  # (B, h*w)
     valid = (m >= 0) & (m < num_classes) & (m != ignore_index)
     labels = torch.where(valid, m, torch.full_like(m, num_classes))  # invalid -> spare bin
     sim_s = _centroid_similarity(_upcast(student_feats), labels, num_classes + 1)

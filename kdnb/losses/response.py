@@ -14,15 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdnb.features import match_size
-from kdnb.losses.feature import make_adapter
+from kdnb.features import match_size, resize_labels
+from kdnb.losses.feature import _upcast, make_adapter
 
 __all__ = ["pixel_kd_loss", "cwd_loss", "dist_loss", "PixelKDLoss", "CWDLoss", "DISTLoss"]
-
-
-def _upcast(x: torch.Tensor) -> torch.Tensor:
-    # float16/bfloat16 under autocast -> float32; float64 stays (tests and gradcheck use it).
-    return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
 def _check_maps(student: torch.Tensor, teacher: torch.Tensor, what: str) -> None:
@@ -34,13 +29,6 @@ def _check_maps(student: torch.Tensor, teacher: torch.Tensor, what: str) -> None
                 if student.shape[:2] == teacher.shape[:2] else "they must have the same shape")
         raise ValueError(f"student {what} {tuple(student.shape)} and teacher {what} "
                          f"{tuple(teacher.shape)} differ: {hint}")
-
-
-def _masks_at(masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Nearest-resizes label masks ``(B, H, W)`` to ``size`` (labels are never blended)."""
-    if tuple(masks.shape[-2:]) == tuple(size):
-        return masks
-    return F.interpolate(masks[:, None].float(), size=tuple(size), mode="nearest")[:, 0].long()
 
 
 def pixel_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *,
@@ -224,7 +212,7 @@ class PixelKDLoss(nn.Module):
             if masks.ndim != 3 or masks.shape[0] != s.shape[0]:
                 raise ValueError(f"masks must be (B, H, W) with B = {s.shape[0]}, "
                                  f"got {tuple(masks.shape)}")
-            mask = _masks_at(masks, s.shape[-2:]) != self.ignore_index
+            mask = resize_labels(masks, s.shape[-2:]) != self.ignore_index
         return pixel_kd_loss(s, t, temperature=self.temperature, mask=mask)
 
     def extra_repr(self) -> str:
@@ -242,7 +230,7 @@ class CWDLoss(nn.Module):
         teacher_channels: ``C_t``; needed when ``on="feats"``.
         adapter: None builds an adapter only when the channels differ, True always,
             False never (then the channels must agree).
-        batchnorm: give the adapter a BatchNorm, as CIRKD's connector has.
+        batchnorm: give the adapter a BatchNorm (CIRKD's CWD connector has none).
 
     Shape:
         ``forward(student, teacher, masks)`` reads ``"logits"`` or ``"feats"``

@@ -1,0 +1,171 @@
+"""From a config to a trainer: the one place where a run's parts are built.
+
+:func:`build_trainer` reads a :class:`kdnb.config.TrainConfig` and builds, in this order,
+everything a :class:`kdnb.train.Trainer` is handed: the checks that can fail cheaply
+(methods, teacher file, dataset), the process group and device, the datasets, the
+student, the teacher and the distillation losses, the teacher's cached outputs, the
+optimizer and the schedule. The CLI, the notebooks and the benchmarks all build their
+trainers here.
+
+The order is part of the result: the global generator is seeded once, then the student,
+the teacher and the losses' adapters are built from it, in that order, so a seed gives
+the same initial weights every time.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .checkpoint import CheckpointError, load_checkpoint, model_from_record
+from .config import TrainConfig
+from .data import build_dataset, dataset_info, validate_dataset
+from .distill import TeacherOutputs, build_distill_losses
+from .losses.spec import resolve_methods, split_layers
+from .models import build_model, get_preset
+from .optim import build_optimizer, build_scheduler
+from .runtime import init_distributed, resolve_device, seed_everything
+from .train import Callback, Trainer
+
+
+def check_teacher(cfg: TrainConfig, run_dir: str | Path) -> dict:
+    """Loads the teacher's checkpoint and checks that it can teach this run's student.
+
+    Cheap (no data read, no model built), so a pair that cannot be distilled fails before
+    any long work: a teacher inside the run directory (whose files the run
+    writes), a damaged checkpoint, another class count or dataset, an unknown preset
+    (unknown methods are refused when the config is built).
+
+    Returns:
+        The loaded checkpoint (:func:`kdnb.checkpoint.load_checkpoint`).
+    """
+    teacher, run = Path(cfg.teacher), Path(run_dir)
+    if (teacher.resolve().parent == run.resolve()
+            and (teacher.name == "model.pt" or teacher.name.startswith("ckpt-"))):
+        raise ValueError(f"the teacher {teacher} lies in the run directory {run}, where this run "
+                         "writes its own model.pt and checkpoints: choose another --run-dir")
+    try:
+        ckpt = load_checkpoint(teacher)
+    except CheckpointError as err:
+        raise CheckpointError(f"the teacher cannot be used: {err}") from err
+    classes = dataset_info(cfg.data)["num_classes"]
+    if ckpt["num_classes"] != classes:
+        raise ValueError(f"checkpoint {teacher} predicts {ckpt['num_classes']} classes but the "
+                         f"dataset has {classes}: it was trained on another dataset; pass a "
+                         f"teacher trained on {cfg.data} (kdnb train --data {cfg.data})")
+    trained_on = (ckpt.get("config") or {}).get("data")
+    if trained_on and trained_on != cfg.data:
+        raise ValueError(f"the teacher {teacher} was trained on {trained_on} but the student "
+                         f"trains on {cfg.data}: pass a teacher trained on {cfg.data} "
+                         f"(kdnb train --data {cfg.data})")
+    get_preset(ckpt["preset"])
+    return ckpt
+
+
+def check_fixed_pool(train_set) -> None:
+    """Cached teacher outputs need a training transform that is the identity."""
+    transform = getattr(train_set, "transform", None)
+    fixed = (transform is None or (not transform.flip and transform.crop_size is None
+                                   and tuple(transform.scale_range) == (1.0, 1.0)))
+    if not fixed:
+        raise ValueError("cache_teacher needs a fixed training pool: set flip=False and no "
+                         "random scale or crop (SynthScenes: --no-flip), or turn the cache off")
+
+
+def build_trainer(cfg: TrainConfig, run_dir: str | Path, *, model: nn.Module | None = None,
+                  teacher: nn.Module | None = None, train_set=None, eval_set=None,
+                  callbacks: list[Callback] | None = None, progress: bool = True,
+                  teacher_outputs: TeacherOutputs | None = None,
+                  trainer_class: type[Trainer] = Trainer) -> Trainer:
+    """Builds the parts of a run from ``cfg`` and hands them to a trainer.
+
+    A config with a ``teacher`` trains a student with the teacher and ``cfg.methods``
+    (:mod:`kdnb.losses.spec`); without one, a model on the labels alone.
+
+    Args:
+        cfg: the run's config.
+        run_dir: its run directory (nothing is written until :meth:`Trainer.fit`).
+        model, teacher, train_set, eval_set: parts of your own, used instead of the ones
+            ``cfg`` names (a model or a teacher in memory, datasets that live nowhere on
+            disk); they are moved to the device and checked like the built ones. A teacher
+            given here is used as it is (``cfg.teacher`` then only labels it).
+        callbacks: called with every log record (live plots).
+        progress: show a tqdm bar.
+        teacher_outputs: with ``cfg.cache_teacher``, the cache of the teacher's outputs;
+            pass one object to the students of a comparison so the outputs are computed
+            once (default: a new one).
+        trainer_class: :class:`kdnb.train.Trainer` or a subclass.
+
+    Raises:
+        ValueError, FileNotFoundError, CheckpointError: a config, a dataset or a teacher
+            that cannot work, before any long work starts; the message says how to fix it.
+    """
+    teacher_ckpt = None
+    if cfg.teacher:
+        if cfg.cache_teacher and teacher is not None:
+            raise ValueError("cache_teacher keys the cached outputs by the teacher's file: "
+                             "pass the teacher as cfg.teacher (a model.pt), not in memory")
+        # The pair and the methods are checked before any data is read or model built.
+        teacher_ckpt = check_teacher(cfg, run_dir) if teacher is None else None
+        split_layers(resolve_methods(cfg.methods))  # a spec that does not parse fails now
+    rank, world = init_distributed()
+    device = resolve_device(cfg.device)
+    if cfg.sync_bn and device.type != "cuda":
+        raise ValueError("--sync-bn needs CUDA (torch's SyncBatchNorm is GPU-only); on CPU "
+                         "leave it off: each process then normalizes its own shard")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    num_classes = dataset_info(cfg.data)["num_classes"]
+    get_preset(cfg.model)  # fail on a bad preset name before any data is read
+    for given in (model, teacher):
+        if given is not None and getattr(given, "num_classes", num_classes) != num_classes:
+            raise ValueError(f"the {'model' if given is model else 'teacher'} given predicts "
+                             f"{given.num_classes} classes but {cfg.data} has {num_classes}")
+    if train_set is None:
+        train_set = build_dataset(cfg.data, cfg.root, "train", train=True,
+                                  crop_size=cfg.crop_size, scale_range=cfg.scale_range,
+                                  flip=cfg.flip, seed=cfg.seed, **cfg.data_kwargs)
+    if eval_set is None:
+        eval_set = build_dataset(cfg.data, cfg.root, cfg.eval_split, train=False,
+                                 **cfg.data_kwargs)
+    # Damaged files, bad labels or a crop that padding would fill fail here, before
+    # models are built or a step runs, not hours into the run.
+    validate_dataset(train_set)
+    validate_dataset(eval_set)
+    if cfg.cache_teacher and cfg.teacher:
+        check_fixed_pool(train_set)
+    channels_last = device.type == "cuda" and cfg.channels_last
+    seed_everything(cfg.seed)
+    if model is None:
+        model = build_model(cfg.model, num_classes, encoder_weights=cfg.encoder_weights,
+                            **cfg.model_kwargs)
+    if world > 1 and cfg.sync_bn:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = model.to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    losses = cache = None
+    trainable: nn.Module = model
+    if cfg.teacher:
+        if teacher is None:
+            teacher = model_from_record(teacher_ckpt, cfg.teacher, num_classes=num_classes)
+        teacher = teacher.to(device).eval().requires_grad_(False)
+        if channels_last:
+            teacher = teacher.to(memory_format=torch.channels_last)
+        losses = build_distill_losses(cfg.methods, student=model, teacher=teacher,
+                                      num_classes=num_classes).to(device)
+        trainable = nn.ModuleList([model, losses])  # the adapters train with the student
+        if cfg.cache_teacher:
+            pool = getattr(train_set, "dataset", train_set)
+            amp = device.type == "cuda" and cfg.amp
+            key = TeacherOutputs.pool_key(cfg.teacher, {
+                "data": cfg.data, "root": str(cfg.root), "data_kwargs": cfg.data_kwargs,
+                "length": len(pool)}, device, amp)
+            cache = (teacher_outputs or TeacherOutputs()).get(
+                teacher, pool, losses.stages, key=key, device=device, amp=amp)
+    optimizer = build_optimizer(trainable, cfg)
+    return trainer_class(cfg, run_dir, model=model, train_set=train_set, eval_set=eval_set,
+                         optimizer=optimizer, scheduler=build_scheduler(optimizer, cfg),
+                         device=device, teacher=teacher, losses=losses, teacher_cache=cache,
+                         rank=rank, world=world, callbacks=callbacks, progress=progress)
