@@ -9,10 +9,11 @@ import sys
 from pathlib import Path
 
 
-def command_line(argv: list[str] | None = None) -> str:
-    """The command that runs this script with ``argv`` (default: its own arguments)."""
+def command_line(script: str | None = None, argv: list[str] | None = None) -> str:
+    """The command that runs ``script`` (a file of this folder; default: the running one)
+    with ``argv`` (default: the process's own arguments)."""
     args = sys.argv[1:] if argv is None else argv
-    return " ".join(["python", f"benchmarks/{Path(sys.argv[0]).name}",
+    return " ".join(["python", f"benchmarks/{Path(script or sys.argv[0]).name}",
                      *(shlex.quote(a) for a in args)])
 
 

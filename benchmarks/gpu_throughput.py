@@ -768,7 +768,7 @@ def main(argv: list[str] | None = None) -> int:
     # The acceptance criteria hold for the paper pair at full size on a GPU only.
     judged = (cuda and not args.quick and args.size == [512, 1024] and args.batch == 8
               and (args.teacher, args.student) == ("deeplabv3-r101", "deeplabv3-r18"))
-    command = command_line(argv)
+    command = command_line(__file__, argv)
     started = time.perf_counter()
 
     machine = device_name(device, threads)

@@ -335,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     threads = torch.get_num_threads()
     device = torch.device(args.device)
     cuda = device.type == "cuda"
-    command = command_line(argv)
+    command = command_line(__file__, argv)
     setup = (f"{args.student}, random init, training mode, batch {args.batch} at "
              f"{args.size[0]}x{args.size[1]}" + (", bf16 autocast + channels-last" if args.amp
                                                   else ", float32"))

@@ -22,7 +22,7 @@ from .checkpoint import CheckpointError, load_checkpoint, model_from_record
 from .config import TrainConfig
 from .data import build_dataset, dataset_info, validate_dataset
 from .distill import TeacherOutputs, build_distill_losses
-from .losses.spec import resolve_methods, split_layers
+from .losses.spec import method_problems, resolve_methods, split_layers
 from .models import build_model, get_preset
 from .optim import build_optimizer, build_scheduler
 from .runtime import init_distributed, resolve_device, seed_everything
@@ -101,11 +101,18 @@ def build_trainer(cfg: TrainConfig, run_dir: str | Path, *, model: nn.Module | N
         ValueError, FileNotFoundError, CheckpointError: a config, a dataset or a teacher
             that cannot work, before any long work starts; the message says how to fix it.
     """
+    problems = method_problems(cfg.methods)  # again: a config may change after it is built
+    if problems:
+        raise ValueError("; ".join(problems))
+    if teacher is not None and not cfg.teacher:
+        raise ValueError("a teacher given in memory needs cfg.teacher set (a label such as "
+                         "'(in memory)'): without it the run trains on the labels alone")
+    if cfg.cache_teacher and cfg.teacher and (teacher is not None or train_set is not None):
+        raise ValueError("cache_teacher keys the cached outputs by the teacher's file and the "
+                         "config's dataset: give both through the config (cfg.teacher, "
+                         "cfg.data), or turn the cache off")
     teacher_ckpt = None
     if cfg.teacher:
-        if cfg.cache_teacher and teacher is not None:
-            raise ValueError("cache_teacher keys the cached outputs by the teacher's file: "
-                             "pass the teacher as cfg.teacher (a model.pt), not in memory")
         # The pair and the methods are checked before any data is read or model built.
         teacher_ckpt = check_teacher(cfg, run_dir) if teacher is None else None
         split_layers(resolve_methods(cfg.methods))  # a spec that does not parse fails now
@@ -116,12 +123,16 @@ def build_trainer(cfg: TrainConfig, run_dir: str | Path, *, model: nn.Module | N
                          "leave it off: each process then normalizes its own shard")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    num_classes = dataset_info(cfg.data)["num_classes"]
+    num_classes = getattr(train_set, "num_classes", None) or dataset_info(cfg.data)["num_classes"]
     get_preset(cfg.model)  # fail on a bad preset name before any data is read
-    for given in (model, teacher):
-        if given is not None and getattr(given, "num_classes", num_classes) != num_classes:
-            raise ValueError(f"the {'model' if given is model else 'teacher'} given predicts "
-                             f"{given.num_classes} classes but {cfg.data} has {num_classes}")
+    if model is not None and getattr(model, "preset", None) != cfg.model:
+        raise ValueError(f"the model given is preset {getattr(model, 'preset', None)!r} but "
+                         f"cfg.model is {cfg.model!r}: set cfg.model to the model's preset "
+                         "(config.json and the cache key record it)")
+    for role, given in (("model", model), ("teacher", teacher)):
+        if given is not None and getattr(given, "num_classes", None) != num_classes:
+            raise ValueError(f"the {role} given predicts {getattr(given, 'num_classes', '?')} "
+                             f"classes but the training data has {num_classes}")
     if train_set is None:
         train_set = build_dataset(cfg.data, cfg.root, "train", train=True,
                                   crop_size=cfg.crop_size, scale_range=cfg.scale_range,

@@ -285,7 +285,7 @@ def load_newest_good(run_dir: Path, map_location="cpu") -> tuple[Path, dict] | N
             return path, load_checkpoint(path, map_location=map_location)
         except CheckpointError as err:
             warnings.warn(f"skipping {path.name}, trying an older checkpoint: {err}",
-                          CheckpointWarning, stacklevel=3)
+                          CheckpointWarning, stacklevel=2)
             skipped.append(path.name)
     if skipped:
         raise CheckpointError(f"none of the checkpoints in {run_dir} is good "
@@ -337,13 +337,13 @@ def saved_config(path: Path) -> dict | None:
     except ValueError as err:
         raise ValueError(f"{path} is not valid JSON ({err}): restore it, or use a new "
                          "--run-dir") from err
-    return {**json.loads(json.dumps(TrainConfig().to_dict())), **saved}
+    return {**TrainConfig().to_json(), **saved}
 
 
 def config_differences(saved: dict, cfg: TrainConfig) -> list[str]:
     """The fields in which ``cfg`` differs from a saved run's config (those a resume may
     change left out): a run resumes only when this is empty."""
-    current = json.loads(json.dumps(cfg.to_dict()))
+    current = cfg.to_json()
     return sorted(k for k in set(saved) | set(current)
                   if saved.get(k) != current.get(k) and k not in RESUME_MAY_CHANGE)
 

@@ -12,8 +12,6 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .losses.spec import as_options, method_problems
-
 
 @dataclass
 class TrainConfig:
@@ -78,6 +76,10 @@ class TrainConfig:
                              "PATH/model.pt (train one with `kdnb train`)")
         if self.optimizer not in ("sgd", "adamw"):
             raise ValueError(f"optimizer={self.optimizer!r}: choose 'sgd' or 'adamw'")
+        # the method-spec language lives with the losses (kdnb.losses.spec); imported here,
+        # not at the top, so that the config, the lowest layer, does not load the losses
+        from .losses.spec import as_options, method_problems
+
         problems = method_problems(self.methods)
         if problems:
             raise ValueError(f"distillation methods: {'; '.join(problems)}")
@@ -123,6 +125,11 @@ class TrainConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def to_json(self) -> dict:
+        """:meth:`to_dict` as JSON stores it (tuples become lists): what ``config.json``
+        holds and what a saved config is compared with."""
+        return json.loads(json.dumps(self.to_dict()))
+
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
         names = {f.name for f in dataclasses.fields(cls)}
@@ -135,7 +142,7 @@ class TrainConfig:
         return dataclasses.replace(self, **changes)
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        Path(path).write_text(json.dumps(self.to_json(), indent=2) + "\n")
 
 
 def settings_key(settings: dict) -> str:

@@ -164,8 +164,8 @@ class TeacherOutputs:
     ``benchmarks/synth_distill.py`` train them): hand the same object to each
     :func:`kdnb.build.build_trainer`. It keeps the outputs of the last pool it computed
     (a pool's outputs can be large) and computes them again when the teacher file, the
-    pool or the device changes; a student that needs an encoder stage they lack has them
-    computed again with that stage added, so the students after it find every map.
+    pool or the device changes, or when a student needs a map they lack (train the
+    students that read encoder stages first: the others then reuse their outputs).
     """
 
     def __init__(self):
@@ -187,11 +187,8 @@ class TeacherOutputs:
         """``"feats"``, ``"logits"`` and ``"stageN"`` of ``teacher`` for every sample of
         ``dataset`` (float32, on the CPU, in dataset order)."""
         need = {"feats", "logits", *(f"stage{n}" for n in stages)}
-        if self.key == key:
-            if need <= set(self.outputs):
-                return {k: self.outputs[k] for k in sorted(need)}
-            # computed again with the stages kept so far too: the next student needs them
-            stages = sorted({*stages, *(int(k[5:]) for k in self.outputs if k.startswith("stage"))})
+        if self.key == key and need <= set(self.outputs):
+            return {k: self.outputs[k] for k in sorted(need)}
         self.key, self.outputs = None, {}
         parts: dict[str, list[torch.Tensor]] = {}
         for start in range(0, len(dataset), batch_size):
@@ -202,4 +199,4 @@ class TeacherOutputs:
             for k, v in maps.items():
                 parts.setdefault(k, []).append(v.float().cpu())
         self.key, self.outputs = key, {k: torch.cat(v) for k, v in parts.items()}
-        return {k: self.outputs[k] for k in sorted(need)}
+        return self.outputs

@@ -12,7 +12,6 @@ Introduced in notebooks/04_distillation_runs.ipynb.
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
@@ -124,7 +123,7 @@ def set_aside_other_settings(run_dir: Path, cfg: TrainConfig) -> None:
         kept = {k: v for k, v in settings.items() if k not in RESUME_MAY_CHANGE}
         return run_dir.with_name(f"{run_dir.name}-{settings_key(kept)}")
 
-    wanted = aside(json.loads(json.dumps(cfg.to_dict())))
+    wanted = aside(cfg.to_json())
     saved = saved_config(run_dir / "config.json")
     if saved is not None:
         if not config_differences(saved, cfg):

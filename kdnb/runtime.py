@@ -73,7 +73,7 @@ def average_gradients(module: nn.Module, world: int) -> None:
 
 def autocast(device: torch.device, enabled: bool) -> torch.autocast:
     """bf16 autocast on ``device`` (kdnb enables it on CUDA only)."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=enabled)
 
 
 def rng_state() -> dict:

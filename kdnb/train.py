@@ -73,9 +73,9 @@ class Trainer:
         device: where the model lives.
         teacher: the frozen teacher (eval mode), or None.
         losses: the distillation losses, or None for training on the labels alone.
-        teacher_cache: the teacher's maps for every training sample
-            (:class:`kdnb.distill.TeacherOutputs`), read by sample index instead of
-            running the teacher, or None.
+        teacher_cache: the teacher's maps for every training sample (what
+            :meth:`kdnb.distill.TeacherOutputs.get` returns), read by sample index instead
+            of running the teacher, or None.
         rank, world: this process's rank and the number of processes; with ``world > 1``
             the model is wrapped in DistributedDataParallel here.
         callbacks: functions called with every log record (``{"kind": "train" | "eval",
@@ -130,6 +130,9 @@ class Trainer:
         self.losses.set_progress(self.step, self.cfg.steps)
         teacher = self.teacher
         if self.teacher_cache is not None:
+            if indices is None:
+                raise ValueError("this trainer reads the teacher's cached outputs by sample "
+                                 "index: pass the batch's indices (its loader yields them)")
             teacher = {k: v[indices].to(self.device, non_blocking=True)
                        for k, v in self.teacher_cache.items()}
         return distill_step(self.ddp, teacher, self.losses, images, masks,
@@ -395,7 +398,7 @@ class Trainer:
 
     def _check_config(self) -> None:
         path = self.run_dir / "config.json"
-        current = json.loads(json.dumps(self.cfg.to_dict()))
+        current = self.cfg.to_json()
         saved = saved_config(path)
         if saved is not None:
             diff = config_differences(saved, self.cfg)

@@ -404,3 +404,24 @@ def test_compiled_step_gives_the_eager_loss_dict_and_gradients(monkeypatch):
     a = torch.cat([g.flatten() for g in eager_grads])
     b = torch.cat([g.flatten() for g in compiled_grads])
     assert (a - b).norm() <= 1e-4 * a.norm()
+
+
+def test_parts_given_in_memory_are_checked_against_the_config(tmp_path, teacher_ckpt):
+    """build_trainer takes a model, a teacher or datasets of your own; a part that does
+    not fit the config is refused with what to change, never used silently."""
+    from kdnb.checkpoint import model_from_checkpoint
+    from kdnb.data import build_dataset
+    from kdnb.models import build_model
+
+    teacher = model_from_checkpoint(teacher_ckpt)
+    pool = build_dataset("synth", split="train", train=True, flip=False, size=64, length=16)
+    with pytest.raises(ValueError, match="needs cfg.teacher set"):
+        build_trainer(tiny(), tmp_path / "a", teacher=teacher)
+    cfg = tiny(teacher="(in memory)", methods={"kd": 1.0}, flip=False)
+    with pytest.raises(ValueError, match="cache_teacher keys the cached outputs"):
+        build_trainer(cfg.replace(cache_teacher=True), tmp_path / "b", teacher=teacher)
+    with pytest.raises(ValueError, match="preset 'tiny-teacher' but cfg.model is 'synth-student'"):
+        build_trainer(cfg, tmp_path / "c", model=build_model("tiny-teacher", 9), teacher=teacher)
+    trainer = build_trainer(cfg, tmp_path / "d", teacher=teacher, train_set=pool, eval_set=pool)
+    assert trainer.teacher is teacher and not teacher.training and trainer.teacher_cache is None
+    assert trainer.train_set is pool and set(trainer.losses) == {"kd"}
