@@ -108,6 +108,8 @@ def build_distill_losses(methods: Mapping, *, student: nn.Module, teacher: nn.Mo
                                  f"{getattr(clf, 'kernel_size', type(clf).__name__)}: choose a "
                                  "preset with a 1x1 head")
             options["classifier"] = clf  # read by reference: its weight at every step
+            if options.get("augment_teacher"):
+                options["teacher_classifier"] = unwrap(teacher).classifier
         stage = layers[name]
         losses.update(build_losses({name: options}, student_channels=channels(student, stage),
                                    teacher_channels=channels(teacher, stage),

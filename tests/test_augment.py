@@ -584,3 +584,157 @@ def test_build_losses_makes_fakd():
     built = losses.build_losses({"fakd": {"on": "nfd", "lambda_0": 1.0}}, student_channels=4,
                                 teacher_channels=6, num_classes=3)
     assert built["fakd"].on == "nfd" and built["fakd"].owned_adapter.out_channels == 6
+
+
+# --------------------------------------------------------------------------- the MKD variants
+
+def test_schedules_end_at_lambda_0_and_unknown_names_are_listed():
+    linear = FAKDLoss(3, 2, lambda_0=2.0)
+    cosine = FAKDLoss(3, 2, lambda_0=2.0, schedule="cosine")
+    for step, lin, cos in ((0, 0.0, 0.0), (5, 1.0, 1.0), (10, 2.0, 2.0), (2, 0.4, 0.190983)):
+        assert linear.set_progress(step, 10) == pytest.approx(lin)
+        assert cosine.set_progress(step, 10) == pytest.approx(cos, abs=1e-6)
+    # MKD (jianlong-yuan/semi-mmseg, exp_semi3.py): end - end * (cos(pi t / T) + 1) / 2
+    assert cosine.set_progress(3, 10) == pytest.approx(2.0 - 2.0 * (math.cos(math.pi * 0.3) + 1) / 2)
+    with pytest.raises(ValueError, match="unknown schedule 'step'; choose one of linear, cosine"):
+        FAKDLoss(3, 2, schedule="step")
+    with pytest.raises(ValueError, match="lambda_0 >= 0"):
+        FAKDLoss(3, 2, lambda_0=-1.0)
+    with pytest.raises(ValueError, match="apply to the logit bound"):
+        FAKDLoss(3, 2, on="nfd", teacher_channels=2, detach_classifier=True)
+    with pytest.raises(ValueError, match="needs teacher_classifier and teacher_channels"):
+        FAKDLoss(3, 2, augment_teacher=True)
+
+
+def test_detached_classifier_keeps_the_value_and_stops_its_gradient(gen):
+    K, C = 4, 3
+    classifier = nn.Conv2d(C, K, 1).double()
+    feats = torch.randn(2, C, 3, 3, generator=gen, dtype=F64)
+    logits = classifier(feats).detach()
+    teacher = torch.randn(2, K, 3, 3, generator=gen, dtype=F64)
+    masks = torch.randint(0, K, (2, 3, 3), generator=gen)
+    cov = random_cov(K, C, gen)
+    values = {}
+    for detach in (False, True):
+        classifier.zero_grad()
+        value = fakd_logit_bound(logits, teacher, classifier.weight, cov, masks, lam=2.0,
+                                 detach_classifier=detach)
+        if value.requires_grad:
+            value.backward()
+        values[detach] = (value.item(), classifier.weight.grad)
+    assert values[True][0] == pytest.approx(values[False][0], rel=1e-12)
+    assert values[False][1].abs().sum() > 0 and values[True][1] is None
+
+
+def test_semantic_shift_against_mkd():
+    """Parity with MKD's ``_semantic_vector`` (jianlong-yuan/semi-mmseg,
+    mmseg/models/semi/losses/exp_semi3.py, commit 63afda8ac69381b5be0d7889cea9ecb8891094b5),
+    transcribed below for positions-first tensors: the same shift, float64, 1e-10."""
+    def mkd_semantic_vector(weight_m, features, preds, gt, covariance, ratio, ignore=255):
+        gt_mask = (gt == ignore).long()
+        labels = (1 - gt_mask).mul(gt).long()
+        N, A = features.shape
+        C = preds.shape[1]
+        NxW_ij = weight_m.expand(N, C, A)
+        NxW_kj = torch.gather(NxW_ij, 1, labels.reshape(N, 1, 1).expand(N, C, A))
+        CV_temp = covariance[labels]
+        sigma2 = ratio * (weight_m - NxW_kj).pow(2).mul(CV_temp.reshape(N, 1, A).expand(N, C, A)).sum(2)
+        return preds + 0.5 * sigma2.mul((1 - gt_mask).reshape(N, 1).expand(N, C).to(preds.dtype))
+
+    from kdnb.losses import semantic_shift
+
+    g = torch.Generator().manual_seed(3)
+    B, K, C, h, w = 2, 5, 4, 3, 4
+    weight = torch.randn(K, C, generator=g, dtype=F64)
+    variances = torch.rand(K, C, generator=g, dtype=F64)
+    feats = torch.randn(B, C, h, w, generator=g, dtype=F64)
+    logits = torch.einsum("kc,bchw->bkhw", weight, feats)
+    masks = torch.randint(0, K, (B, h, w), generator=g)
+    masks[0, 0] = 255
+    ours = semantic_shift(logits, weight, variances, masks, lam=1.7)
+    flat = lambda x: x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])  # noqa: E731
+    theirs = mkd_semantic_vector(weight, flat(feats), flat(logits), masks.reshape(-1), variances, 1.7)
+    torch.testing.assert_close(flat(ours), theirs, rtol=1e-10, atol=1e-10)
+    assert torch.equal(flat(ours)[:w], flat(logits)[:w])  # ignored positions stay
+
+
+def test_diagonal_statistics_against_mkd_estimator(gen):
+    """MKD's ``semantic_estimator.update`` (semi-mmseg, algorithms/semantic_estimator.py,
+    commit 63afda8ac69381b5be0d7889cea9ecb8891094b5), transcribed below without
+    ``.cuda()``: an exact running mean and variance per class and channel over every
+    feature seen, normalized by ``n``; kdnb's diagonal ClassCovariance gives the same mean
+    and the unbiased variance, ``n / (n - 1)`` times MKD's."""
+    K, A = 3, 4
+    mkd = {"CoVariance": torch.zeros(K, A, dtype=F64), "Mean": torch.zeros(K, A, dtype=F64),
+           "Amount": torch.zeros(K, dtype=F64)}
+
+    def mkd_update(features, labels, ignore=255):
+        mask = labels != ignore
+        labels, features = labels[mask], features[mask]
+        N, A = features.size()
+        C = K
+        NxCxA_Features = features.view(N, 1, A).expand(N, C, A)
+        onehot = torch.zeros(N, C, dtype=F64)
+        onehot.scatter_(1, labels.view(-1, 1), 1)
+        NxCxA_onehot = onehot.view(N, C, 1).expand(N, C, A)
+        features_by_sort = NxCxA_Features.mul(NxCxA_onehot)
+        Amount_CxA = NxCxA_onehot.sum(0)
+        Amount_CxA[Amount_CxA == 0] = 1
+        mean_CxA = features_by_sort.sum(0) / Amount_CxA
+        var_temp = features_by_sort - mean_CxA.expand(N, C, A).mul(NxCxA_onehot)
+        var_temp = var_temp.pow(2).sum(0).div(Amount_CxA)
+        sum_weight_CV = onehot.sum(0).view(C, 1).expand(C, A)
+        weight_CV = sum_weight_CV.div(sum_weight_CV + mkd["Amount"].view(C, 1).expand(C, A))
+        weight_CV[weight_CV != weight_CV] = 0
+        additional_CV = weight_CV.mul(1 - weight_CV).mul((mkd["Mean"] - mean_CxA).pow(2))
+        mkd["CoVariance"] = mkd["CoVariance"].mul(1 - weight_CV) + var_temp.mul(weight_CV) + additional_CV
+        mkd["Mean"] = mkd["Mean"].mul(1 - weight_CV) + mean_CxA.mul(weight_CV)
+        mkd["Amount"] = mkd["Amount"] + onehot.sum(0)
+
+    ours = ClassCovariance(K, A, diagonal=True)
+    for _ in range(3):
+        feats = torch.randn(2, A, 4, 4, generator=gen, dtype=F64) * 2 + 1
+        masks = torch.randint(0, K, (2, 4, 4), generator=gen)
+        masks[:, 0] = 255
+        ours.update(feats, masks)
+        mkd_update(feats.permute(0, 2, 3, 1).reshape(-1, A), masks.reshape(-1))
+    n = ours.n_seen[:, None]
+    torch.testing.assert_close(ours.mean, mkd["Mean"], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(ours.cov * (n - 1) / n, mkd["CoVariance"], rtol=1e-10, atol=1e-12)
+
+
+def test_augmented_teacher_is_the_bound_against_the_shifted_teacher(gen):
+    """``augment_teacher``: the teacher's logits are moved by ISDA's surrogate with the
+    teacher's classifier and the class statistics of the teacher's features (updated in
+    training, as the student's); at lam = 0 it is the plain bound."""
+    from kdnb.losses import semantic_shift
+
+    K, C_s, C_t = 4, 3, 5
+    student_clf, teacher_clf = nn.Conv2d(C_s, K, 1).double(), nn.Conv2d(C_t, K, 1).double()
+    loss = FAKDLoss(K, C_s, teacher_channels=C_t, classifier=student_clf, lambda_0=3.0,
+                    augment_teacher=True, teacher_classifier=teacher_clf, diagonal=True,
+                    schedule="cosine", detach_classifier=True)
+    assert {"teacher_covariance.n_seen", "covariance.n_seen"} <= set(loss.state_dict())
+    s_feats = torch.randn(2, C_s, 4, 4, generator=gen, dtype=F64)
+    t_feats = torch.randn(2, C_t, 4, 4, generator=gen, dtype=F64)
+    student = {"feats": s_feats, "logits": student_clf(s_feats)}
+    teacher = {"feats": t_feats, "logits": teacher_clf(t_feats).detach()}
+    masks = torch.randint(0, K, (2, 8, 8), generator=gen)
+    loss.set_progress(0, 10)
+    plain = fakd_logit_bound(student["logits"], teacher["logits"], student_clf.weight,
+                             ClassCovariance(K, C_s, diagonal=True).update(s_feats, masks),
+                             masks, lam=0.0)
+    torch.testing.assert_close(loss(student, teacher, masks), plain)
+    loss.set_progress(6, 10)
+    value = loss(student, teacher, masks)
+    t_cov = ClassCovariance(K, C_t, diagonal=True).update(t_feats, masks).update(t_feats, masks)
+    s_cov = ClassCovariance(K, C_s, diagonal=True).update(s_feats, masks).update(s_feats, masks)
+    shifted = semantic_shift(teacher["logits"], teacher_clf, t_cov, masks, lam=loss.lam)
+    expected = fakd_logit_bound(student["logits"], shifted, student_clf.weight, s_cov, masks,
+                                lam=loss.lam)
+    torch.testing.assert_close(value, expected)
+    assert not torch.allclose(value, fakd_logit_bound(student["logits"], teacher["logits"],
+                                                      student_clf.weight, s_cov, masks,
+                                                      lam=loss.lam))
+    with pytest.raises(KeyError, match=r"needs teacher\['feats'\]"):
+        loss(student, {"logits": teacher["logits"]}, masks)

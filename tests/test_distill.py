@@ -1,5 +1,6 @@
 """Distillation training: method specs, frozen teacher, adapters and FAKD state, resume."""
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -425,3 +426,78 @@ def test_parts_given_in_memory_are_checked_against_the_config(tmp_path, teacher_
     trainer = build_trainer(cfg, tmp_path / "d", teacher=teacher, train_set=pool, eval_set=pool)
     assert trainer.teacher is teacher and not teacher.training and trainer.teacher_cache is None
     assert trainer.train_set is pool and set(trainer.losses) == {"kd"}
+
+
+def test_nfd_on_several_layers_in_one_run(tmp_path, teacher_ckpt):
+    """``layers`` gives one loss several maps, each with its weight: one NFD term per
+    layer (``nfd@stage2``...), each with its own adapter, summed with its weight."""
+    methods = {"nfd": {"layers": {"stage2": 8.0, "stage3": 4.0, "head": 1.0}}}
+    trainer = build_trainer(tiny(teacher=teacher_ckpt, methods=methods, steps=2, ckpt_every=0),
+                            tmp_path / "run", progress=False)
+    assert trainer.layers == {"nfd@stage2": 2, "nfd@stage3": 3, "nfd@head": None}
+    assert trainer.stages == [2, 3]
+    assert trainer.losses["nfd@head"].adapter is not None  # 32 -> 64 head channels
+    batch = next(iter(trainer.loader()))
+    torch.manual_seed(0)
+    out = trainer.compute_losses(*batch)
+    weights = {"nfd@stage2": 8.0, "nfd@stage3": 4.0, "nfd@head": 1.0}
+    assert set(out) == {"loss", "task", *weights}
+    total = out["task"] + sum(w * out[name] for name, w in weights.items())
+    assert torch.allclose(out["loss"], total)
+    records = []
+    trainer.callbacks.append(records.append)
+    trainer.fit()
+    assert all(name in records[0] for name in weights)
+    from kdnb.losses import method_label
+
+    assert method_label(methods) == "nfd@stage2,stage3,head"
+
+
+def test_fakd_with_the_mkd_choices_trains_and_resumes_exactly(tmp_path, teacher_ckpt):
+    """Diagonal variances, a detached classifier, the cosine schedule and the teacher's
+    logits augmented too: the teacher's class statistics train and resume with the run."""
+    fakd = {"lambda_0": 2.0, "diagonal": True, "detach_classifier": True, "schedule": "cosine",
+            "augment_teacher": True}
+    cfg = tiny(teacher=teacher_ckpt, methods={"kd": 1.0, "fakd": fakd}, steps=4)
+    straight = build_trainer(cfg, tmp_path / "a", progress=False)
+    straight.fit()
+    loss = straight.losses["fakd"]
+    assert loss.teacher_covariance.dim == 64 and loss.teacher_covariance.n_seen.sum() > 0
+    assert loss.lam == pytest.approx(2.0 * (1 - math.cos(math.pi * 3 / 4)) / 2)
+
+    def stop(record):
+        if record["kind"] == "train" and record["step"] == 3:
+            raise RuntimeError("stop")
+
+    with pytest.raises(RuntimeError, match="stop"):
+        build_trainer(cfg, tmp_path / "b", progress=False, callbacks=[stop]).fit()
+    resumed = build_trainer(cfg, tmp_path / "b", progress=False)
+    resumed.fit(resume=True)
+    for a, b in ((straight.model, resumed.model), (straight.losses, resumed.losses)):
+        sa, sb = a.state_dict(), b.state_dict()
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+@pytest.mark.parametrize("methods, changes, words", [
+    ({"nfd": {"layer": "stage5"}}, {"model_kwargs": {"encoder_depth": 4}},
+     "encoder has stages 1..4"),
+    ({"kd": 1.0, "fakd": {"schedule": "step"}}, {}, "unknown schedule 'step'; choose one of"),
+    ({"nfd": {"layers": {"stage2": -1.0}}}, {}, r"layers\['stage2'\]=-1.0 must be"),
+    ({"kd": {"layers": {"head": 1.0}}}, {}, "reads the logits"),
+    ({"nfd": {"layers": {"stage2": 1.0}}, "fakd": {}}, {}, "fakd augments one map"),
+])
+def test_a_loss_that_does_not_apply_says_so_before_training(tmp_path, teacher_ckpt, methods,
+                                                            changes, words):
+    with pytest.raises(ValueError, match=words):
+        build_trainer(tiny(teacher=teacher_ckpt, methods=methods, **changes), tmp_path / "run",
+                      progress=False)
+    assert not (tmp_path / "run").exists()  # nothing was written
+
+
+def test_the_command_line_writes_layers_and_fakd_options():
+    assert parse_methods("nfd,kd=1,fakd", ['nfd.layers={"stage2": 8, "head": 1}',
+                                           "fakd.schedule=cosine", "fakd.augment_teacher=true"]) == {
+        "nfd": {"layers": {"stage2": 8, "head": 1}}, "kd": {"weight": 1.0},
+        "fakd": {"schedule": "cosine", "augment_teacher": True}}
+    with pytest.raises(ValueError, match="not valid JSON"):
+        parse_methods("nfd", ["nfd.layers={stage2: 8}"])

@@ -515,3 +515,68 @@ def test_build_losses_rejects_bad_specs():
     for weight in (-1.0, float("nan"), "2", True):
         with pytest.raises(ValueError, match="kd: the weight must be a finite number >= 0"):
             build_losses({"kd": weight}, **kw)
+
+
+# --------------------------------------------------------------------------- NFD, unsquared
+
+def test_nfd_frobenius_is_the_unsquared_per_sample_norm_over_hw():
+    torch.manual_seed(0)
+    s, t = torch.randn(3, 6, 5, 7, dtype=torch.float64), torch.randn(3, 6, 5, 7, dtype=torch.float64)
+    value = nfd_loss(s, t, reduction="frobenius")
+    d = normalize_features(s) - normalize_features(t)
+    per_sample = [d[b].norm() / 35 for b in range(3)]
+    assert torch.allclose(value, torch.stack(per_sample).mean(), rtol=1e-12)
+    # Invariant to a per-channel affine map of either side, zero (with a zero gradient,
+    # not NaN) at the optimum.
+    scale = torch.rand(1, 6, 1, 1, dtype=torch.float64) + 0.5
+    assert torch.allclose(nfd_loss(s * scale + 2, t, reduction="frobenius"), value, rtol=1e-6)
+    same = s.clone().requires_grad_()
+    nfd_loss(same, s, reduction="frobenius").backward()
+    assert torch.isfinite(same.grad).all() and same.grad.abs().max() < 1e-12
+
+
+def test_nfd_frobenius_gradient_keeps_its_size_as_the_error_shrinks():
+    """The unsquared norm's gradient is a unit direction times 1/(B h w) per sample; the
+    squared loss's gradient shrinks with the error."""
+    torch.manual_seed(1)
+    t = torch.randn(1, 4, 6, 6, dtype=torch.float64)
+    direction = torch.randn(1, 4, 6, 6, dtype=torch.float64)
+    sizes = {}
+    for reduction in ("frobenius", "paper"):
+        for eps in (1e-1, 1e-3):
+            s = (normalize_features(t, eps=0.0) + eps * direction).requires_grad_()
+            nfd_loss(s, t, reduction=reduction, eps=0.0).backward()
+            sizes[reduction, eps] = s.grad.norm().item()
+    assert sizes["frobenius", 1e-1] == pytest.approx(sizes["frobenius", 1e-3], rel=2e-2)
+    assert sizes["paper", 1e-3] < sizes["paper", 1e-1] / 50
+
+
+def test_nfd_frobenius_against_fastsegformer():
+    """Parity with the one public NFD reading: caixiongjiang/FastSegFormer,
+    utils/distillation_loss.py at commit 9ce0466dcfe36f0af47f32bab22112148cc6ced4,
+    transcribed below (``Normal``, ``D_L2``, and the ``/ (W * H)`` of
+    ``NFD_loss_after_conv1x1.forward``). Their forward does not call ``Normal``; the
+    transcription applies it to both sides as the paper intends. Their ``torch.std`` is
+    the unbiased one and ``D_L2`` takes one norm over the whole batch, so for maps of
+    ``n = h w`` positions: theirs = sqrt((n - 1) / n) * sqrt(sum_b v_b^2), with ``v_b`` kdnb's
+    per-sample value at ``eps = 0`` (kdnb averages the per-sample norms instead)."""
+    def normal(f):  # FastSegFormer's Normal
+        mean = torch.mean(f, dim=(2, 3), keepdim=True)
+        std = torch.std(f, dim=(2, 3), keepdim=True)
+        return (f - mean) / std
+
+    def d_l2(f1, f2):  # FastSegFormer's D_L2
+        return torch.norm(f1 - f2)
+
+    torch.manual_seed(2)
+    f_t = torch.randn(3, 8, 6, 5, dtype=torch.float64)
+    f_s = torch.randn(3, 8, 6, 5, dtype=torch.float64)  # already through the 1x1 adapter
+    _, _, s_w, s_h = f_s.shape
+    theirs = d_l2(normal(f_t), normal(f_s)) / (s_w * s_h)
+    per_sample = torch.stack([nfd_loss(f_s[b:b + 1], f_t[b:b + 1], reduction="frobenius", eps=0.0)
+                              for b in range(3)])
+    n = s_w * s_h
+    assert torch.allclose(theirs, math.sqrt((n - 1) / n) * per_sample.square().sum().sqrt(),
+                          rtol=1e-10)
+    assert torch.allclose(nfd_loss(f_s, f_t, reduction="frobenius", eps=0.0), per_sample.mean(),
+                          rtol=1e-10)

@@ -52,8 +52,8 @@ from kdnb.losses.relation import IFVDLoss, SKDLoss, ifvd_loss, skd_pairwise_loss
 from kdnb.losses.response import (CWDLoss, DISTLoss, PixelKDLoss, cwd_loss, dist_loss,
                                   pixel_kd_loss)
 # augment last, so it may build on the families above
-from kdnb.losses.augment import (ClassCovariance, FAKDLoss, fakd_feature_bound,
-                                 fakd_logit_bound, fakd_nfd_bound)
+from kdnb.losses.augment import (SCHEDULES, ClassCovariance, FAKDLoss, fakd_feature_bound,
+                                 fakd_logit_bound, fakd_nfd_bound, semantic_shift)
 from kdnb.losses.spec import (METHODS, MethodInfo, build_losses, method_label, parse_methods,
                               resolve_methods, split_layers)
 
@@ -63,6 +63,7 @@ __all__ = [
     "FeatureMSELoss", "ATLoss", "NFDLoss",
     "skd_pairwise_loss", "ifvd_loss", "SKDLoss", "IFVDLoss",
     "ClassCovariance", "fakd_logit_bound", "fakd_feature_bound", "fakd_nfd_bound", "FAKDLoss",
+    "semantic_shift", "SCHEDULES",
     "MethodInfo", "METHODS", "build_losses", "method_label", "parse_methods",
     "resolve_methods", "split_layers",
 ]

@@ -11,8 +11,9 @@ augmentations. Three pieces live here:
 * the closed forms: :func:`fakd_logit_bound` (pixel-wise KD, an upper bound),
   :func:`fakd_feature_bound` (feature MSE through a linear adapter, exact) and
   :func:`fakd_nfd_bound` (NFD, an approximation);
+* :func:`semantic_shift`: ISDA's surrogate logits, for augmenting the teacher's side too;
 * :class:`FAKDLoss`: the module a trainer adds, with the ISDA schedule
-  ``lambda = lambda_0 * step / total_steps``.
+  ``lambda = lambda_0 * step / total_steps`` (or MKD's cosine one).
 
 Each closed form *contains* the loss it augments (at ``lambda = 0`` it is that loss), so a
 trainer running "kd + fakd" uses the FAKD term *in place of* the plain KD term.
@@ -31,6 +32,7 @@ Introduced in notebooks/03_semantic_direction_augmentation.ipynb.
 """
 from __future__ import annotations
 
+import math
 from typing import Callable, Mapping, Union
 
 import torch
@@ -47,6 +49,8 @@ __all__ = [
     "fakd_logit_bound",
     "fakd_feature_bound",
     "fakd_nfd_bound",
+    "semantic_shift",
+    "SCHEDULES",
     "FAKDLoss",
 ]
 
@@ -381,12 +385,69 @@ def _logit_bound_chunk(z: torch.Tensor, p: torch.Tensor, logp: torch.Tensor, y: 
     return (per_position * weight).sum()
 
 
+def semantic_shift(logits: torch.Tensor, classifier_weight: torch.Tensor | nn.Module,
+                   class_cov: "torch.Tensor | ClassCovariance", masks: torch.Tensor, *,
+                   lam: float | torch.Tensor, ignore_index: int = 255,
+                   validate: bool = True) -> torch.Tensor:
+    """Logits moved by the expected effect of the augmentation: ISDA's surrogate.
+
+    At a position of class ``y``, ``z~_j = z_j + lam / 2 * Q_y[j, y]`` with
+    ``Q_y[j, y] = (w_j - w_y)^T Sigma_y (w_j - w_y)`` (see :func:`fakd_logit_bound`):
+    the logits whose cross-entropy with label ``y`` is ISDA's upper bound of the expected
+    cross-entropy. Positions without a class are left as they are. The FAKD author's MKD
+    code applies this to the teacher's logits, with the teacher's classifier (detached)
+    and the teacher's class variances; :class:`FAKDLoss` does so with
+    ``augment_teacher=True``. No gradient flows through it (the teacher is frozen).
+
+    Args:
+        logits: ``(B, K, h, w)``, the classifier's output at the head's resolution.
+        classifier_weight: the classifier that produced them, ``(K, C)`` or 1x1.
+        class_cov: over its input channels ``C``, full, diagonal or a
+            :class:`ClassCovariance`.
+        masks: labels, nearest-resized to ``(h, w)``.
+        lam: augmentation strength.
+        ignore_index: label of positions without a class.
+        validate: check the label range (one host sync on a GPU).
+
+    Returns:
+        The shifted logits, same shape, float32 (float64 for float64 logits).
+
+    Reference:
+        Wang et al., "Implicit Semantic Data Augmentation for Deep Networks", NeurIPS 2019,
+        arXiv 1909.12220; the teacher side after jianlong-yuan/semi-mmseg (MKD),
+        ``mmseg/models/semi/losses/exp_semi3.py``.
+
+    Introduced in notebooks/03_semantic_direction_augmentation.ipynb.
+    """
+    what = "semantic_shift"
+    _check_4d(logits, "logits", what)
+    B, K, h, w = logits.shape
+    weight = _linear_weight(classifier_weight, what, "classifier").detach()
+    cov, diagonal = _covariance_tensor(class_cov, what)
+    if weight.shape[0] != K or cov.shape[1] != weight.shape[1]:
+        raise ValueError(f"{what}: classifier_weight {tuple(weight.shape)} must map the "
+                         f"covariance's C = {cov.shape[1]} channels to the logits' K = {K}")
+    labels = _labels_at(masks.to(logits.device), (h, w), B, what)
+    if validate:
+        _check_labels(labels, cov.shape[0], ignore_index, what)
+    device, dtype = logits.device, _compute_dtype(logits)
+    with _no_autocast(device), torch.no_grad():
+        q = _pairwise_quadratic(weight.to(dtype), cov.to(device, dtype), diagonal)  # (Kc, K, K)
+        y = labels.reshape(-1)
+        valid = y != ignore_index
+        y = torch.where(valid, y, 0)
+        shift = q[y, :, y] * valid.to(dtype)[:, None]  # (N, K): Q_y[j, y]
+        shift = shift.reshape(B, h, w, K).permute(0, 3, 1, 2)
+        return logits.detach().to(dtype) + (lam / 2.0) * shift
+
+
 def fakd_logit_bound(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                      classifier_weight: torch.Tensor | nn.Module,
                      class_cov: "torch.Tensor | ClassCovariance", masks: torch.Tensor, *,
                      lam: float | torch.Tensor, temperature: float = 1.0,
                      chunk_size: int | None = None, ignore_index: int = 255,
-                     keep_ignored: bool = False, validate: bool = True) -> torch.Tensor:
+                     keep_ignored: bool = False, detach_classifier: bool = False,
+                     validate: bool = True) -> torch.Tensor:
     r"""Upper bound of pixel-wise KD averaged over infinitely many feature augmentations.
 
     At a position of class ``y`` with student logits ``z = W f + b`` (rows ``w_j``) and
@@ -412,7 +473,8 @@ def fakd_logit_bound(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     one-hot ``p`` it is the ISDA surrogate ``CE(z + lam/2 * Q_y[:, y], y)``.
 
     Gradients flow to ``student_logits`` and, as in ISDA's code, through ``Q`` to
-    ``classifier_weight``; never to the teacher or the covariance.
+    ``classifier_weight`` (``detach_classifier=True`` stops the latter, as the FAKD author's
+    MKD code does); never to the teacher or the covariance.
 
     Args:
         student_logits: head logits (before upsampling).
@@ -435,6 +497,7 @@ def fakd_logit_bound(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
         keep_ignored: count ignored positions in the mean with their plain, unaugmented KD
             (as :class:`kdnb.losses.PixelKDLoss` does by default, after CIRKD) instead of
             leaving them out.
+        detach_classifier: no gradient through ``Q`` to the classifier weight.
         validate: check the label range (one host sync on a GPU); :class:`FAKDLoss`
             turns it off because :meth:`ClassCovariance.update` checked the same masks.
 
@@ -461,6 +524,8 @@ def fakd_logit_bound(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
         raise ValueError(f"{what}: teacher_logits must be (B, K, ., .) = ({B}, {K}, ., .) like "
                          f"the student's, got {tuple(teacher_logits.shape)}")
     weight = _linear_weight(classifier_weight, what, "classifier")
+    if detach_classifier:
+        weight = weight.detach()
     cov, diagonal = _covariance_tensor(class_cov, what)
     if weight.shape[0] != K:
         raise ValueError(f"{what}: classifier_weight must have K = {K} rows (the logits' "
@@ -675,6 +740,8 @@ def fakd_nfd_bound(adapted_student_feats: torch.Tensor, teacher_feats: torch.Ten
 # --------------------------------------------------------------------------- module
 
 WeightSource = Union[nn.Module, Callable[[], torch.Tensor]]
+#: how FAKD's strength grows to ``lambda_0`` over training (see :meth:`FAKDLoss.set_progress`)
+SCHEDULES = ("linear", "cosine")
 
 
 class FAKDLoss(nn.Module):
@@ -727,6 +794,22 @@ class FAKDLoss(nn.Module):
         chunk_size: positions per chunk of the logit bound (default: automatic, see
             :func:`fakd_logit_bound`).
         nfd_eps: NFD's variance floor (``on="nfd"``).
+        schedule: how ``lam`` grows to ``lambda_0`` over training (:data:`SCHEDULES`):
+            ``"linear"``, ISDA's ``lambda_0 * t`` (default), or ``"cosine"``,
+            ``lambda_0 * (1 - cos(pi t)) / 2``, the FAKD author's MKD default (``t`` =
+            step / total steps).
+        detach_classifier: ``on="logits"``: no gradient through the bound's ``Q`` to the
+            student's classifier (MKD detaches it; ISDA does not).
+        augment_teacher: ``on="logits"``: move the teacher's logits too, by ISDA's
+            surrogate with the teacher's classifier and the class covariance of the
+            teacher's head features (:func:`semantic_shift`), as MKD does; needs
+            ``teacher_classifier`` and ``teacher["feats"]``.
+        teacher_classifier: the teacher's 1x1 classifier (held by reference), for
+            ``augment_teacher``.
+
+    The FAKD author's MKD code (jianlong-yuan/semi-mmseg) makes these choices: diagonal
+    variances, ``detach_classifier``, ``schedule="cosine"`` to ``lambda_0`` 1.5-2.0, and
+    ``augment_teacher``; kdnb's defaults are ISDA's (docs/METHODS.md, section FAKD).
 
     Shape:
         see the contract above; returns a 0-dim tensor.
@@ -744,13 +827,27 @@ class FAKDLoss(nn.Module):
                  adapter: nn.Module | None = None, on: str = "logits", lambda_0: float = 7.5,
                  temperature: float = 1.0, diagonal: bool = False, ignore_index: int = 255,
                  keep_ignored: bool = False, chunk_size: int | None = None,
-                 nfd_eps: float = 1e-5):
+                 nfd_eps: float = 1e-5, schedule: str = "linear",
+                 detach_classifier: bool = False, augment_teacher: bool = False,
+                 teacher_classifier: WeightSource | None = None):
         super().__init__()
         if on not in ("logits", "feats", "nfd"):
             raise ValueError(f"FAKDLoss: on must be 'logits', 'feats' or 'nfd', got {on!r}")
         if lambda_0 < 0 or temperature <= 0:
             raise ValueError(f"FAKDLoss needs lambda_0 >= 0 and temperature > 0, got "
                              f"{lambda_0} and {temperature}")
+        if schedule not in SCHEDULES:
+            raise ValueError(f"FAKDLoss: unknown schedule {schedule!r}; choose one of "
+                             f"{', '.join(SCHEDULES)}")
+        if (detach_classifier or augment_teacher) and on != "logits":
+            raise ValueError("FAKDLoss: detach_classifier and augment_teacher apply to the "
+                             f"logit bound (on='logits'), not to on={on!r}")
+        if augment_teacher:
+            if teacher_classifier is None or teacher_channels is None:
+                raise ValueError("FAKDLoss(augment_teacher=True) needs teacher_classifier and "
+                                 "teacher_channels (the teacher's head feature channels)")
+            if isinstance(teacher_classifier, nn.Module):
+                _linear_weight(teacher_classifier, "FAKDLoss", "teacher classifier")
         if isinstance(classifier, nn.Module):
             _linear_weight(classifier, "FAKDLoss", "classifier")  # refuse a 3x3 head now
         self.owned_adapter: nn.Module | None = None
@@ -766,20 +863,35 @@ class FAKDLoss(nn.Module):
         # Tuples keep nn.Module from registering them as submodules (see the docstring).
         self._classifier = (classifier,)
         self._adapter = (adapter,)
+        self._teacher_classifier = (teacher_classifier,)
+        self.schedule, self.detach_classifier = schedule, detach_classifier
+        self.augment_teacher = augment_teacher
         self.covariance = ClassCovariance(num_classes, student_channels, diagonal=diagonal,
                                           ignore_index=ignore_index)
+        # the teacher's own class statistics, for its shifted logits (buffers: resumed)
+        self.teacher_covariance = (ClassCovariance(num_classes, teacher_channels,
+                                                   diagonal=diagonal, ignore_index=ignore_index)
+                                   if augment_teacher else None)
         self.lam = 0.0
 
     def extra_repr(self) -> str:
         return (f"on={self.on!r}, lambda_0={self.lambda_0}, lam={self.lam:.4g}, "
-                f"temperature={self.temperature}")
+                f"temperature={self.temperature}, schedule={self.schedule!r}")
 
     def set_progress(self, step: int, total_steps: int) -> float:
-        """ISDA's schedule: ``lam = lambda_0 * step / total_steps``; returns ``lam``."""
+        """Sets ``lam`` for ``step`` of ``total_steps`` by the schedule; returns it.
+
+        ``"linear"`` (ISDA): ``lambda_0 * t``; ``"cosine"`` (MKD):
+        ``lambda_0 * (1 - cos(pi * t)) / 2``, with ``t = step / total_steps``.
+        """
         if total_steps <= 0 or step < 0:
             raise ValueError(f"set_progress needs 0 <= step and total_steps > 0, got "
                              f"step={step}, total_steps={total_steps}")
-        self.lam = self.lambda_0 * step / total_steps
+        t = step / total_steps
+        if self.schedule == "cosine":
+            self.lam = self.lambda_0 * (1 - math.cos(math.pi * t)) / 2
+        else:
+            self.lam = self.lambda_0 * t
         return self.lam
 
     def _classifier_weight(self, student: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -811,16 +923,29 @@ class FAKDLoss(nn.Module):
                                f"got keys {sorted(got)}")
         if masks is None:
             raise ValueError("FAKDLoss needs masks (B, H, W): they pick each position's class")
+        if self.augment_teacher and "feats" not in teacher:
+            raise KeyError("FAKDLoss(augment_teacher=True) needs teacher['feats'] (the "
+                           f"teacher's head feature); got keys {sorted(teacher)}")
         feats = student["feats"]
         if self.training:
             self.covariance.update(feats, masks, sync=True)
+            if self.augment_teacher:
+                self.teacher_covariance.update(teacher["feats"], masks, sync=True)
         validate = not self.training  # update() has already checked these labels
         if self.on == "logits":
-            return fakd_logit_bound(student["logits"], teacher["logits"],
+            teacher_logits = teacher["logits"]
+            if self.augment_teacher:
+                source = self._teacher_classifier[0]
+                teacher_logits = semantic_shift(
+                    teacher_logits, source if isinstance(source, nn.Module) else source(),
+                    self.teacher_covariance, masks, lam=self.lam,
+                    ignore_index=self.ignore_index, validate=validate)
+            return fakd_logit_bound(student["logits"], teacher_logits,
                                     self._classifier_weight(student), self.covariance, masks,
                                     lam=self.lam, temperature=self.temperature,
                                     chunk_size=self.chunk_size, ignore_index=self.ignore_index,
-                                    keep_ignored=self.keep_ignored, validate=validate)
+                                    keep_ignored=self.keep_ignored,
+                                    detach_classifier=self.detach_classifier, validate=validate)
         adapted, weight = self._adapter_and_weight(feats)
         if self.on == "feats":
             return fakd_feature_bound(adapted, teacher["feats"], weight, self.covariance, masks,

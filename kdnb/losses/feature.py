@@ -27,7 +27,7 @@ NORMS: dict[str, tuple[int, ...]] = {
     "layer": (1, 2, 3),    # per sample, over C, h, w
     "batch": (0, 2, 3),    # per channel, over B, h, w
 }
-REDUCTIONS = ("mean", "paper")
+REDUCTIONS = ("mean", "paper", "frobenius")
 
 
 def _upcast(x: torch.Tensor) -> torch.Tensor:
@@ -209,14 +209,21 @@ def nfd_loss(student_feats: torch.Tensor, teacher_feats: torch.Tensor, *, norm: 
       ``"paper"`` equals a weight ``w * C_t`` under ``"mean"`` (e.g. ``C_t = 256``: paper
       weight 1 == mean weight 256). **(ours)**: the squared reading is the one under which
       the loss does not depend on resolution and the two scales differ by a constant
-      factor; the unsquared norm would shrink as ``1/sqrt(h*w)``.
+      factor.
+    * ``"frobenius"``: the formula as the paper writes it, the *unsquared* Frobenius norm:
+      ``(1/B) sum_b ||N(A f_s)_b - N(f_t)_b||_F / (h*w)``. Its gradient,
+      ``d_b / (B ||d_b||_F h w)`` for sample ``b``, has the same size whatever the
+      error: a unit direction scaled by ``1/(B h w)``, where the squared loss's gradient
+      shrinks with the error (``2 d_b / (B h w)`` for ``"paper"``). At ``d_b = 0`` the gradient is
+      0. The value shrinks as ``1/sqrt(h*w)`` when the maps are upsampled (``||d||``
+      grows as ``sqrt(h*w)``), so its weight depends on the layer's resolution.
 
     Args:
         student_feats: student features already adapted to the teacher's channels.
         teacher_feats: teacher features of the same shape (detached inside).
         norm: one of ``none, channel, spatial, layer, batch``.
         eps: added to the variance in ``N``.
-        reduction: ``"mean"`` or ``"paper"`` (see above).
+        reduction: ``"mean"``, ``"paper"`` or ``"frobenius"`` (see above).
 
     Returns:
         A scalar tensor.
@@ -237,7 +244,11 @@ def nfd_loss(student_feats: torch.Tensor, teacher_feats: torch.Tensor, *, norm: 
     _check_features(student_feats, teacher_feats, same_channels=True)
     n_s = normalize_features(_upcast(student_feats), norm, eps)
     n_t = normalize_features(_upcast(teacher_feats.detach()), norm, eps)
-    loss = (n_s - n_t).pow(2).mean()
+    diff = n_s - n_t
+    if reduction == "frobenius":  # per sample, then the batch mean
+        h, w = diff.shape[-2:]
+        return torch.linalg.vector_norm(diff.flatten(1), dim=1).mean() / (h * w)
+    loss = diff.pow(2).mean()
     return loss * student_feats.shape[1] if reduction == "paper" else loss
 
 
@@ -302,7 +313,8 @@ class NFDLoss(nn.Module):
         norm: one of ``none, channel, spatial, layer, batch`` (see
             :func:`normalize_features`); NFD is ``"channel"``.
         eps: added to the variance.
-        reduction: ``"mean"`` or ``"paper"`` (``paper = C_t * mean``, see :func:`nfd_loss`).
+        reduction: ``"mean"``, ``"paper"`` (``C_t * mean``) or ``"frobenius"`` (the
+            unsquared norm the paper writes; see :func:`nfd_loss`).
         adapter: None builds a :class:`~kdnb.features.ChannelAdapter` only when the
             channels differ, True always, False never.
         batchnorm: give the adapter a BatchNorm (redundant before ``"channel"`` or

@@ -12,8 +12,10 @@ place that reads such a dict:
   range (the config checks it when it is built);
 * :func:`parse_methods` reads the command line's ``--methods kd=1,nfd=2,fakd`` and
   ``--set nfd.norm=spatial``;
-* :func:`resolve_methods` folds ``fakd`` into the loss it augments;
-  :func:`split_layers` takes out each loss's layer (``"head"`` or ``"stageN"``);
+* :func:`resolve_methods` expands a loss given several ``layers`` into one loss per layer
+  (``"nfd@stage2"``, ``"nfd@head"``, each with its weight) and folds ``fakd`` into the
+  loss it augments; :func:`split_layers` takes out each loss's layer (``"head"`` or
+  ``"stageN"``);
 * :func:`build_losses` builds the modules; :func:`method_label` names a spec in tables.
 
 Introduced in notebooks/04_distillation_runs.ipynb.
@@ -21,6 +23,7 @@ Introduced in notebooks/04_distillation_runs.ipynb.
 from __future__ import annotations
 
 import inspect
+import json
 import math
 from typing import Mapping, NamedTuple
 
@@ -34,6 +37,7 @@ from kdnb.losses.response import CWDLoss, DISTLoss, PixelKDLoss
 
 __all__ = ["MethodInfo", "METHODS", "FAKD_BASES", "as_options", "method_problems",
            "parse_value", "parse_methods", "resolve_methods", "split_layers", "reads_features",
+    "method_of",
            "build_losses", "method_label"]
 
 
@@ -72,6 +76,12 @@ NON_NEGATIVE_OPTIONS = ("lambda_0", "beta", "gamma")
 _CONTEXT = ("student_channels", "teacher_channels", "num_classes")
 
 
+def method_of(name: str) -> str:
+    """The method of a loss name: ``"nfd@stage2"`` (one layer of a multi-layer NFD) ->
+    ``"nfd"``."""
+    return name.partition("@")[0]
+
+
 def as_options(value) -> dict:
     """One method's value as a dict of options: ``2.0`` -> ``{"weight": 2.0}``, None -> ``{}``,
     a dict -> a copy."""
@@ -108,6 +118,17 @@ def method_problems(methods: Mapping) -> list[str]:
         if weight is not None and _bad_weight(weight):
             problems.append(f"{name} weight={weight!r} must be a finite number >= 0 (0 logs the "
                             f"loss without training on it): pass {name}=1 or drop {name}")
+        layers = options.get("layers")
+        if layers is not None:
+            if not isinstance(layers, Mapping) or not layers:
+                problems.append(f"{name} layers={layers!r} must map layer names to weights, "
+                                f"e.g. {{'stage2': 8, 'head': 1}}")
+            elif "weight" in options or "layer" in options:
+                problems.append(f"{name}: give either layers (a weight per layer) or "
+                                "weight and layer, not both")
+            else:
+                problems += [f"{name} layers[{layer!r}]={w!r} must be a finite number >= 0"
+                             for layer, w in layers.items() if _bad_weight(w)]
         for key in POSITIVE_OPTIONS:
             x = options.get(key)
             if x is not None and not (isinstance(x, (int, float)) and x > 0 and math.isfinite(x)):
@@ -123,7 +144,14 @@ def method_problems(methods: Mapping) -> list[str]:
 
 def parse_value(text: str):
     """A command-line value: ``'1'`` -> 1.0, ``'true'`` -> True, ``'none'`` -> None,
-    ``'spatial'`` -> ``'spatial'``."""
+    ``'spatial'`` -> ``'spatial'``, and JSON for a dict or a list:
+    ``'{"stage2": 8, "head": 1}'`` -> that dict."""
+    if text.strip()[:1] in ("{", "["):
+        try:
+            return json.loads(text)
+        except ValueError as err:
+            raise ValueError(f"{text!r} is not valid JSON ({err}): write a dict such as "
+                             '\'{"stage2": 8, "head": 1}\'') from err
     lowered = text.strip().lower()
     if lowered in ("true", "false"):
         return lowered == "true"
@@ -160,15 +188,34 @@ def parse_methods(text: str | None, settings: list[str] | None = None) -> dict:
 def resolve_methods(methods: Mapping) -> dict:
     """Folds ``fakd`` into the loss it augments; every value becomes a dict of options.
 
+    A loss with ``layers`` (``{"nfd": {"layers": {"stage2": 8, "head": 1}}}``, several
+    maps in one run, each with its weight: the multi-layer NFD of the paper's reading)
+    becomes one loss per layer, named ``"nfd@stage2"``, ``"nfd@head"``.
+
     FAKD's bound *contains* the loss it augments (at ``lambda = 0`` it is that loss), so
     ``{"kd": 1, "fakd": {}}`` becomes one FAKD module on logits with KD's weight,
     temperature and pixels (all of them, unlabelled ones included, as pixel KD by default:
     ``keep_ignored``), and ``{"nfd": 2, "fakd": {}}`` one on normalized features. Other
     losses stay as they are.
     """
-    spec = {k: as_options(v) for k, v in methods.items()}
+    spec = {}
+    for name, value in methods.items():
+        options = as_options(value)
+        layers = options.pop("layers", None)
+        if layers is None:
+            spec[name] = options
+            continue
+        if not reads_features(name, options):
+            raise ValueError(f"{name} reads the logits, so it has one layer, the head: drop "
+                             "its layers option")
+        for layer, weight in layers.items():
+            spec[f"{name}@{layer}"] = {**options, "weight": weight, "layer": layer}
     if "fakd" not in spec:
         return spec
+    several = sorted({method_of(k) for k in spec if "@" in k} & set(FAKD_BASES))
+    if several:
+        raise ValueError(f"fakd augments one map: give {several[0]} a single layer (its "
+                         "layer option) instead of layers, or drop fakd")
     fakd = spec.pop("fakd")
     on = fakd.pop("on", None)
     if on is not None:
@@ -227,7 +274,8 @@ def reads_features(name: str, options: Mapping) -> bool:
     """Whether a loss reads a feature map (and so may take a ``layer``): feature and relation
     losses do, and a loss whose ``on`` option names features (CWD ``on="feats"``, FAKD on
     a feature loss); the others read the logits."""
-    return METHODS[name].kind in ("feature", "relation") or options.get("on") in ("feats", "nfd")
+    return (METHODS[method_of(name)].kind in ("feature", "relation")
+            or options.get("on") in ("feats", "nfd"))
 
 
 def split_layers(spec: dict) -> tuple[dict, dict[str, int | None]]:
@@ -286,10 +334,10 @@ def build_losses(spec: Mapping[str, float | Mapping | None], *, student_channels
                "num_classes": num_classes}
     losses = nn.ModuleDict()
     for name, value in spec.items():
-        if name not in METHODS:
+        if method_of(name) not in METHODS:
             raise ValueError(f"unknown distillation method {name!r}: choose from "
                              f"{', '.join(METHODS)}")
-        info = METHODS[name]
+        info = METHODS[method_of(name)]
         options = as_options(value)
         weight = options.pop("weight", info.weight)
         if _bad_weight(weight):
@@ -313,6 +361,7 @@ def method_label(methods: Mapping) -> str:
     when it distils an encoder stage (``"fakd+nfd@stage2"``), ``"baseline"`` when empty."""
     names = []
     for name, value in sorted(methods.items()):
-        layer = as_options(value).get("layer", "head")
-        names.append(name if layer == "head" else f"{name}@{layer}")
+        options = as_options(value)
+        layers = list(options["layers"]) if options.get("layers") else [options.get("layer", "head")]
+        names.append(name if layers == ["head"] else f"{name}@{','.join(layers)}")
     return "+".join(names) or "baseline"
