@@ -151,3 +151,17 @@ def test_gpu_throughput_peak_table_and_criteria(monkeypatch):
     assert "2.50x images/s (criterion >= 2x): met" in lines[0]
     assert "25.3 % of 989 TFLOP/s bf16 (criterion >= 30 %): NOT met" in lines[1]
     assert "20.00 GiB" in lines[2]
+
+
+def test_nfd_premise_quick_prints_every_layer():
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "nfd_premise.py"), "--quick",
+                           "--no-write", "--threads", "1"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    for model in ("synth-teacher", "synth-student"):
+        for layer in ("stage1", "stage2", "stage3", "stage4", "stage5", "head"):
+            assert re.search(rf"^\| {model} \| {layer} \| \d+ \| [\d.e+-]+ \| [\d.e+-]+ \| "
+                             rf"[\d.e+-]+ \| [\d.]+ \| \d+ \|$", proc.stdout, re.MULTILINE), \
+                (model, layer, proc.stdout)
+    assert "appended to" not in proc.stdout
