@@ -6,6 +6,7 @@
                                                               # a regime probe (other budget)
     python benchmarks/synth_distill.py --methods baseline kd --seeds 1 --teacher-set steps=3600 \
         --tag teacher3600                                     # another teacher (own folder)
+    python benchmarks/synth_distill.py --regime pretrained     # both encoders pretrained first
     python benchmarks/synth_distill.py --quick --no-write      # seconds; what the test runs
 
 Protocol:
@@ -26,6 +27,7 @@ the command and the wall time.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import time
@@ -34,13 +36,14 @@ from pathlib import Path
 import torch
 
 from kdnb.build import build_trainer
-from kdnb.checkpoint import model_from_checkpoint
+from kdnb.checkpoint import load_checkpoint, model_from_checkpoint
 from kdnb.compare import compare, format_table, read_run
 from kdnb.config import TrainConfig, config_hash
 from kdnb.data import build_dataset
 from kdnb.distill import TeacherOutputs
 from kdnb.experiments import COMPARISON, cache_path, student_config, teacher_config, train_or_load
 from kdnb.metrics import evaluate
+from kdnb.pretrain import PretrainConfig, pretrain_or_load
 
 from _results import append_section  # benchmarks/_results.py
 
@@ -144,6 +147,10 @@ def main() -> None:
     parser.add_argument("--teacher-set", action="append", default=[], metavar="FIELD=VALUE",
                         help="change a teacher config field, e.g. steps=3600 (use with --tag)")
     parser.add_argument("--tag", help="runs go to ROOT/TAG (other settings, other runs)")
+    parser.add_argument("--regime", choices=("scratch", "pretrained"), default="scratch",
+                        help="scratch: random init (the default); pretrained: teacher and "
+                             "students start from encoders trained on PretextShapes "
+                             "(kdnb.pretrain, cached), runs under ROOT/pretrained")
     parser.add_argument("--root", default="runs/synth_distill")
     parser.add_argument("--quick", action="store_true", help="tiny budgets (tests)")
     parser.add_argument("--threads", type=int, help="torch CPU threads")
@@ -162,15 +169,27 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"unknown methods {unknown}: choose among {list(methods)} "
                          "(or define one with --variant)")
-    if (changes or teacher_changes) and not args.tag:
+    if (changes or teacher_changes) and not args.tag:  # (before --regime adds its own)
         raise SystemExit("--set and --teacher-set change the runs: give them their own folder "
                          "with --tag NAME")
     if args.threads:
         torch.set_num_threads(args.threads)
     start = time.perf_counter()
     root = Path(args.root)
+    if args.regime == "pretrained":
+        # Both encoders start from the pretext task; a separate folder, like a --tag.
+        root = root / "pretrained"
+        pretext = (PretrainConfig(steps=8, batch_size=16, length=256) if args.quick
+                   else PretrainConfig())
+        for preset, target in (("synth-teacher", teacher_changes), ("synth-student", changes)):
+            path = pretrain_or_load(dataclasses.replace(pretext, preset=preset),
+                                    progress=not args.quick)
+            target.setdefault("encoder_init", str(path))
+            print(f"{preset}: encoder from {path.name} (pretext val accuracy "
+                  f"{load_checkpoint(path)['val_accuracy']:.3f})", flush=True)
     teacher_cfg = teacher_config(quick=args.quick).replace(**teacher_changes)
-    teacher_dir = root / ("teacher" if not teacher_changes else f"teacher-{args.tag}")
+    teacher_dir = root / ("teacher" if set(teacher_changes) <= {"encoder_init"}
+                          else f"teacher-{args.tag}")
     train_or_load(teacher_cfg, teacher_dir, progress=not args.quick)
     teacher = str(cache_path(teacher_cfg))
     if args.tag:
@@ -214,10 +233,14 @@ def main() -> None:
             parts.append(f"{heading}:\n\n{table}" + (f"\n\n{pairs}" if pairs else ""))
         report = "\n\n".join(parts)
         title = f"SynthScenes distillation, {args.seeds} paired seeds"
-    if changes:
-        title += f", student changes {changes}"
-    if teacher_changes:
-        title += f", teacher changes {teacher_changes}"
+    if args.regime == "pretrained":
+        title += ", pretrained regime (encoders from the pretext task)"
+    shown = {k: v for k, v in changes.items() if k != "encoder_init"}
+    if shown:
+        title += f", student changes {shown}"
+    shown = {k: v for k, v in teacher_changes.items() if k != "encoder_init"}
+    if shown:
+        title += f", teacher changes {shown}"
     wall = time.perf_counter() - start
     print(report)
     print(f"\n{wall:.0f} s")

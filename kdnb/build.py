@@ -25,6 +25,7 @@ from .distill import TeacherOutputs, build_distill_losses
 from .losses.spec import method_problems, resolve_methods, split_layers
 from .models import build_model, get_preset
 from .optim import build_optimizer, build_scheduler
+from .pretrain import load_encoder
 from .runtime import init_distributed, resolve_device, seed_everything
 from .train import Callback, Trainer
 
@@ -116,6 +117,9 @@ def build_trainer(cfg: TrainConfig, run_dir: str | Path, *, model: nn.Module | N
         # The pair and the methods are checked before any data is read or model built.
         teacher_ckpt = check_teacher(cfg, run_dir) if teacher is None else None
         split_layers(resolve_methods(cfg.methods))  # a spec that does not parse fails now
+    if cfg.encoder_init and not Path(cfg.encoder_init).is_file():
+        raise FileNotFoundError(f"encoder_init {cfg.encoder_init} does not exist: pretrain the "
+                                f"encoder first (kdnb pretrain --preset {cfg.model})")
     rank, world = init_distributed()
     device = resolve_device(cfg.device)
     if cfg.sync_bn and device.type != "cuda":
@@ -151,6 +155,8 @@ def build_trainer(cfg: TrainConfig, run_dir: str | Path, *, model: nn.Module | N
     if model is None:
         model = build_model(cfg.model, num_classes, encoder_weights=cfg.encoder_weights,
                             **cfg.model_kwargs)
+        if cfg.encoder_init:  # the pretrained regime: a pretext encoder (kdnb.pretrain)
+            load_encoder(model, cfg.encoder_init)
     if world > 1 and cfg.sync_bn:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(device)

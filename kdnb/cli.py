@@ -37,6 +37,7 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, help="DataLoader workers")
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--encoder-weights", help="'imagenet' (needs the network or a warm cache)")
+    p.add_argument("--encoder-init", help="a pretext encoder file (kdnb pretrain) to start from")
     p.add_argument("--model-arg", action="append", metavar="KEY=VALUE",
                    help="an smp model option, e.g. decoder_dropout=0 (repeatable)")
     p.add_argument("--data-arg", action="append", metavar="KEY=VALUE",
@@ -76,7 +77,8 @@ def config_from_args(args) -> TrainConfig:
                "batch_size": "batch_size", "optimizer": "optimizer", "lr": "lr",
                "weight_decay": "weight_decay", "eval_every": "eval_every",
                "ckpt_every": "ckpt_every", "log_every": "log_every", "seed": "seed", "device": "device",
-               "workers": "workers", "threads": "threads", "encoder_weights": "encoder_weights"}
+               "workers": "workers", "threads": "threads", "encoder_weights": "encoder_weights",
+               "encoder_init": "encoder_init"}
     changes = {field: getattr(args, arg) for arg, field in mapping.items()
                if getattr(args, arg) is not None}
     if args.crop:
@@ -205,6 +207,24 @@ def cmd_weights(args) -> int:
     return 0
 
 
+def cmd_pretrain(args) -> int:
+    from .pretrain import PretrainConfig, pretext_path, pretrain_encoder
+
+    if args.threads:
+        import torch
+        torch.set_num_threads(args.threads)
+    cfg = PretrainConfig(preset=args.preset, **({"steps": args.steps} if args.steps else {}))
+    path = Path(args.out) if args.out else pretext_path(cfg, args.root)
+    if path.is_file() and not args.out:
+        print(f"{path} exists (cached): use it as encoder_init")
+        return 0
+    record = pretrain_encoder(cfg, path)
+    print(f"{cfg.preset}'s encoder ({record['encoder']}): pretext val accuracy "
+          f"{100 * record['val_accuracy']:.1f} %, {record['seconds']:.0f} s; written to {path}\n"
+          f"start a run from it with --encoder-init {path}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -247,6 +267,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("datasets", help="which datasets are available, and where kdnb looks")
     p.add_argument("--root")
     p.set_defaults(func=cmd_datasets)
+    p = sub.add_parser("pretrain", help="pretrain a preset's encoder on PretextShapes (the "
+                       "pretrained regime, no download)")
+    p.add_argument("--preset", required=True)
+    p.add_argument("--steps", type=int)
+    p.add_argument("--root", help="data root whose checkpoints/ caches it")
+    p.add_argument("--out", help="write here instead of the cache")
+    p.add_argument("--threads", type=int)
+    p.set_defaults(func=cmd_pretrain)
     p = sub.add_parser("presets", help="list the model presets")
     p.set_defaults(func=cmd_presets)
     p = sub.add_parser("weights", help="download ImageNet encoder weights for a preset")

@@ -23,6 +23,7 @@ class TrainConfig:
     root: str | None = None           # data root; default KDNB_DATA or <repo>/data
     data_kwargs: dict = field(default_factory=dict)  # e.g. {"size": 96} for synth
     encoder_weights: str | None = None  # "imagenet" needs the network or a warm cache
+    encoder_init: str | None = None   # a pretext encoder file (kdnb.pretrain) to start from
     model_kwargs: dict = field(default_factory=dict)  # smp overrides, e.g. {"decoder_dropout": 0.0}
     # Distillation (empty methods: supervised training alone).
     teacher: str | None = None        # path of the teacher's model.pt (frozen, eval mode)
@@ -71,6 +72,9 @@ class TrainConfig:
         if problems:
             raise ValueError(f"config values out of range: {', '.join(problems)}: change them in "
                              "the config file or on the command line")
+        if self.encoder_init and self.encoder_weights:
+            raise ValueError("encoder_weights and encoder_init both set the encoder's initial "
+                             "weights: choose one")
         if self.methods and not self.teacher:
             raise ValueError(f"methods {sorted(self.methods)} need a teacher: pass --teacher "
                              "PATH/model.pt (train one with `kdnb train`)")
@@ -160,13 +164,15 @@ def config_hash(cfg: TrainConfig) -> str:
     """A short hash of the settings that change the trained weights (a cache key).
 
     Settings at their default value are left out, so a new config field does not
-    invalidate the models cached before it existed; the teacher counts by its file name
-    (itself a cache key), so the same teacher cached under another data root matches.
+    invalidate the models cached before it existed; the teacher and a pretext encoder count
+    by their file names (themselves cache keys), so the same files cached under another
+    data root match.
     """
     defaults = TrainConfig().to_dict()
     d = {k: v for k, v in cfg.to_dict().items() if v != defaults[k] and k not in NOT_IN_CACHE_KEY}
-    if d.get("teacher"):
-        d["teacher"] = Path(d["teacher"]).name
+    for k in ("teacher", "encoder_init"):  # by file name: the file names are cache keys
+        if d.get(k):
+            d[k] = Path(d[k]).name
     return settings_key(d)
 
 

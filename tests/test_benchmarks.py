@@ -165,3 +165,23 @@ def test_nfd_premise_quick_prints_every_layer():
                              rf"[\d.e+-]+ \| [\d.]+ \| \d+ \|$", proc.stdout, re.MULTILINE), \
                 (model, layer, proc.stdout)
     assert "appended to" not in proc.stdout
+
+
+def test_synth_distill_pretrained_regime_starts_every_run_from_pretext_encoders(tmp_path):
+    import json
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "KDNB_DATA": str(tmp_path / "data")}
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "synth_distill.py"), "--quick", "--no-write",
+           "--seeds", "1", "--threads", "1", "--root", str(tmp_path / "runs"), "--regime",
+           "pretrained", "--methods", "baseline", "kd"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    encoders = sorted(p.name for p in (tmp_path / "data" / "checkpoints").glob("pretext-*.pt"))
+    assert [e.split("-")[1] for e in encoders] == ["mobilenet_v2", "resnet18"]
+    runs = tmp_path / "runs" / "pretrained"
+    for run, encoder in (("teacher", "resnet18"), ("kd-s0", "mobilenet_v2"),
+                         ("baseline-s0", "mobilenet_v2")):
+        cfg = json.loads((runs / run / "config.json").read_text())
+        assert Path(cfg["encoder_init"]).name.startswith(f"pretext-{encoder}-"), (run, cfg)
+    assert "| kd |" in proc.stdout and "pretext val accuracy" in proc.stdout
