@@ -1,6 +1,7 @@
 """NFD's premise, measured: how unequal are the magnitudes of a network's channels, per layer?
 
     python benchmarks/nfd_premise.py                     # the cached SynthScenes teacher and baseline
+    python benchmarks/nfd_premise.py --regime pretrained # the same, encoders from the pretext task
     python benchmarks/nfd_premise.py --models T.pt S.pt  # any kdnb checkpoints
     python benchmarks/nfd_premise.py --quick --no-write  # random-init presets, seconds (tests/)
 
@@ -23,36 +24,19 @@ import torch
 from kdnb.checkpoint import model_from_checkpoint
 from kdnb.data import build_dataset
 from kdnb.experiments import cache_path, teacher_config
+from kdnb.features import channel_rms, magnitude_spread
 from kdnb.models import build_model
+from kdnb.pretrain import PretrainConfig, pretext_path
 
 from _results import append_section  # benchmarks/_results.py
-
-
-@torch.no_grad()
-def channel_rms(model, images: torch.Tensor, batch: int = 64) -> dict[str, torch.Tensor]:
-    """Per layer, the RMS of each channel over images and positions, ``(C,)``."""
-    model.eval()
-    stages = [n for n in range(1, len(model.net.encoder.out_channels))]
-    squares: dict[str, torch.Tensor] = {}
-    count: dict[str, int] = {}
-    for start in range(0, len(images), batch):
-        _, maps = model(images[start:start + batch], features=True, stages=stages)
-        for name, x in maps.items():
-            if name == "logits":
-                continue
-            squares[name] = squares.get(name, 0) + x.double().square().sum((0, 2, 3))
-            count[name] = count.get(name, 0) + x.shape[0] * x.shape[2] * x.shape[3]
-    order = [f"stage{n}" for n in stages] + ["feats"]
-    return {("head" if k == "feats" else k): (squares[k] / count[k]).sqrt() for k in order}
 
 
 def spread_rows(name: str, rms: dict[str, torch.Tensor]) -> list[str]:
     rows = []
     for layer, values in rms.items():
-        q = torch.quantile(values, torch.tensor([0.1, 0.5, 0.9], dtype=values.dtype))
-        live = values[values > 1e-8]
-        rows.append(f"| {name} | {layer} | {len(values)} | {q[0]:.3g} | {q[1]:.3g} | {q[2]:.3g} | "
-                    f"{q[2] / q[0]:.1f} | {len(values) - len(live)} |")
+        q = magnitude_spread(values)
+        rows.append(f"| {name} | {layer} | {len(values)} | {q['p10']:.3g} | {q['p50']:.3g} | "
+                    f"{q['p90']:.3g} | {q['ratio']:.1f} | {q['dead']} |")
     return rows
 
 
@@ -60,6 +44,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", help="kdnb checkpoints (default: the cached "
                         "synth-teacher and the seed-0 baseline of benchmarks/synth_distill.py)")
+    parser.add_argument("--regime", choices=("scratch", "pretrained"), default="scratch",
+                        help="whose teacher and baseline by default: the random-init runs or "
+                             "those of synth_distill.py --regime pretrained")
     parser.add_argument("--images", type=int, default=512, help="val images (default 512)")
     parser.add_argument("--threads", type=int)
     parser.add_argument("--quick", action="store_true", help="random-init presets, 16 images")
@@ -75,13 +62,17 @@ def main() -> None:
         models = {name: build_model(name, 9) for name in ("synth-teacher", "synth-student")}
         args.images = 16
     else:
+        teacher, runs = teacher_config(), Path("runs/synth_distill")
+        if args.regime == "pretrained":  # as synth_distill.py --regime pretrained names them
+            init = pretext_path(PretrainConfig(preset="synth-teacher"))
+            teacher, runs = teacher.replace(encoder_init=str(init)), runs / "pretrained"
         paths = [Path(p) for p in args.models or
-                 [cache_path(teacher_config()), "runs/synth_distill/baseline-s0/model.pt"]]
+                 [cache_path(teacher), runs / "baseline-s0" / "model.pt"]]
         missing = [str(p) for p in paths if not Path(p).is_file()]
         if missing:
             raise SystemExit(f"no checkpoint {missing}: train them first (python "
-                             "benchmarks/synth_distill.py --methods baseline --seeds 1) or "
-                             "pass --models")
+                             f"benchmarks/synth_distill.py --regime {args.regime} --methods "
+                             "baseline --seeds 1) or pass --models")
         # a run's model.pt is named by its run directory
         models = {(p.parent.name if p.stem == "model" else p.stem): model_from_checkpoint(p)
                   for p in paths}
@@ -96,8 +87,9 @@ def main() -> None:
     wall = time.perf_counter() - start
     print(f"\n{wall:.0f} s")
     if not args.no_write:
+        regime = "" if args.models else f", {args.regime} regime"
         append_section(args.out, f"NFD's premise: the spread of channel magnitudes per layer "
-                       f"({args.images} val images)", wall, report,
+                       f"({args.images} val images{regime})", wall, report,
                        note="RMS of each channel over images and positions, eval mode")
 
 

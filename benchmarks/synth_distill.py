@@ -41,7 +41,7 @@ from kdnb.compare import compare, format_table, read_run
 from kdnb.config import TrainConfig, config_hash
 from kdnb.data import build_dataset
 from kdnb.distill import TeacherOutputs
-from kdnb.experiments import COMPARISON, cache_path, student_config, teacher_config, train_or_load
+from kdnb.experiments import COMPARISON, VARIANTS, cache_path, student_config, teacher_config, train_or_load
 from kdnb.metrics import evaluate
 from kdnb.pretrain import PretrainConfig, pretrain_or_load
 
@@ -84,7 +84,11 @@ def run_one(name: str, methods: dict, seed: int, teacher: str, root: Path, quick
 #: (method, reference): the comparisons the papers make, beside the gains over the baseline.
 PAIRS = [("nfd", "mse"), ("nfd+fakd", "nfd"), ("kd+fakd", "kd"),
          ("nfd-stage2", "mse-stage2"), ("nfd-stage2", "nfd"), ("mse-stage2", "mse"),
-         ("nfd-stage2+fakd", "nfd-stage2"), ("mse-stage2+fakd", "mse-stage2")]
+         ("nfd-stage2+fakd", "nfd-stage2"), ("mse-stage2+fakd", "mse-stage2"),
+         # the authors' variants (kdnb.experiments.VARIANTS)
+         ("nfd-multi", "mse-multi"), ("nfd-multi", "nfd-stage2"), ("nfd-multi-frob", "nfd-multi"),
+         ("nfd-stage2-frob", "nfd-stage2"), ("kd+fakd-mkd", "kd"), ("kd+fakd-isda", "kd"),
+         ("nfd-stage2+fakd-mkd", "nfd-stage2")]
 
 
 def paired_table(rows: list[dict], pairs: list[tuple[str, str]]) -> str:
@@ -126,9 +130,13 @@ def parse_set(items: list[str]) -> dict:
 
 
 def with_weight(methods: dict, weight: float) -> dict:
-    """The method's main loss (the first key) at another weight."""
+    """The method's main loss (the first key) at another weight (every layer's, when it
+    distils several)."""
     first = next(iter(methods))
-    return {**methods, first: {**methods[first], "weight": weight}}
+    options = methods[first]
+    if "layers" in options:
+        return {**methods, first: {**options, "layers": {k: weight for k in options["layers"]}}}
+    return {**methods, first: {**options, "weight": weight}}
 
 
 def main() -> None:
@@ -140,7 +148,9 @@ def main() -> None:
     parser.add_argument("--variant", action="append", default=[], metavar="NAME=JSON",
                         help="another setting to compare, e.g. 'kd-t1={\"kd\": {\"weight\": 1, "
                              "\"temperature\": 1}}'; then list NAME in --methods")
-    parser.add_argument("--methods", nargs="+", default=list(COMPARISON))
+    parser.add_argument("--methods", nargs="+", default=list(COMPARISON),
+                        help="names of kdnb.experiments.COMPARISON or VARIANTS (the authors' "
+                             "choices), or of a --variant")
     parser.add_argument("--sweep", help="METHOD=w1,w2,...: val mIoU per weight, seed 0")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="change a student config field for every run (use with --tag)")
@@ -159,10 +169,10 @@ def main() -> None:
     args = parser.parse_args()
     changes = parse_set(args.set)
     teacher_changes = parse_set(args.teacher_set)
-    methods = dict(COMPARISON)
+    methods = {**COMPARISON, **VARIANTS}
     for item in args.variant:
         name, sep, spec = item.partition("=")
-        if not sep or name in COMPARISON:
+        if not sep or name in methods:
             raise SystemExit(f"--variant expects NAME=JSON with a new NAME, got {item!r}")
         methods[name] = json.loads(spec)
     unknown = [m for m in args.methods if m not in methods]

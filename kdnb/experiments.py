@@ -44,6 +44,30 @@ COMPARISON: dict[str, dict] = {
     "mse-stage2+fakd": {"mse": {"weight": 64.0, "layer": "stage2"}, "fakd": {"lambda_0": 1.0}},
 }
 
+#: The authors' own choices, as variants of COMPARISON's methods (docs/METHODS.md says where
+#: each comes from). ``benchmarks/synth_distill.py`` runs them by name beside COMPARISON.
+ENCODER_STAGES = ("stage1", "stage2", "stage3", "stage4")
+_KD = {"weight": 1.0, "temperature": 1.0}
+_NFD_STAGE2 = {"weight": 32.0, "layer": "stage2"}
+#: FAKD as its first author's MKD code runs the augmentation: a per-class diagonal
+#: variance, a cosine ramp to a final strength of 2, the classifier detached inside the
+#: bound, the teacher's logits moved as well (the last two apply to logits only).
+FAKD_MKD = {"lambda_0": 2.0, "schedule": "cosine", "diagonal": True}
+VARIANTS: dict[str, dict] = {
+    # Several encoder stages in one run, one weight each (FastSegFormer's reading of NFD
+    # distils several intermediate maps); "-frob": its unsquared Frobenius distance.
+    "mse-multi": {"mse": {"layers": {s: 64.0 for s in ENCODER_STAGES}}},
+    "nfd-multi": {"nfd": {"layers": {s: 32.0 for s in ENCODER_STAGES}}},
+    "nfd-multi-frob": {"nfd": {"reduction": "frobenius",
+                               "layers": {s: 32.0 for s in ENCODER_STAGES}}},
+    "nfd-stage2-frob": {"nfd": {**_NFD_STAGE2, "reduction": "frobenius"}},
+    "kd+fakd-mkd": {"kd": {**_KD},
+                    "fakd": {**FAKD_MKD, "detach_classifier": True, "augment_teacher": True}},
+    # ISDA's segmentation setting: diagonal variance, a linear ramp to 7.5.
+    "kd+fakd-isda": {"kd": {**_KD}, "fakd": {"lambda_0": 7.5, "diagonal": True}},
+    "nfd-stage2+fakd-mkd": {"nfd": {**_NFD_STAGE2}, "fakd": {**FAKD_MKD}},
+}
+
 
 def quick_config(cfg: TrainConfig) -> TrainConfig:
     """A tiny budget that exercises every code path in seconds (tests, ``KDNB_QUICK=1``)."""
@@ -83,6 +107,13 @@ def cache_path(cfg: TrainConfig) -> Path:
     return data_root(cfg.root) / "checkpoints" / f"{cfg.model}-{config_hash(cfg)}.pt"
 
 
+def cache_log(cfg: TrainConfig) -> Path:
+    """The training log kept beside the cached model (a copy of its run's ``metrics.jsonl``),
+    so that a notebook loading the model from the cache can replay its curves wherever the
+    run was trained (``kdnb.viz.LiveCurves.replay``)."""
+    return cache_path(cfg).with_suffix(".jsonl")
+
+
 def train_or_load(cfg: TrainConfig, run_dir: Path, *, fresh: bool = False,
                   progress: bool = True, callbacks=None,
                   teacher_outputs: TeacherOutputs | None = None) -> tuple[SegModel, bool]:
@@ -90,9 +121,10 @@ def train_or_load(cfg: TrainConfig, run_dir: Path, *, fresh: bool = False,
 
     The cache key hashes every setting that changes the weights (the teacher by its file
     name, which is itself a cache key), so a changed recipe never reuses a stale
-    checkpoint. A distillation config trains with the teacher; give the students of one
-    comparison the same ``teacher_outputs`` (:class:`kdnb.distill.TeacherOutputs`) and the
-    teacher's outputs are computed once for all of them. Returns ``(model, reused)``.
+    checkpoint; the run's log is cached beside it (:func:`cache_log`). A distillation
+    config trains with the teacher; give the students of one comparison the same
+    ``teacher_outputs`` (:class:`kdnb.distill.TeacherOutputs`) and the teacher's outputs
+    are computed once for all of them. Returns ``(model, reused)``.
     """
     cached = cache_path(cfg)
     if cached.is_file() and not fresh:
@@ -103,9 +135,11 @@ def train_or_load(cfg: TrainConfig, run_dir: Path, *, fresh: bool = False,
                             teacher_outputs=teacher_outputs)
     trainer.fit(resume=run_dir.joinpath("config.json").is_file() and not fresh)
     cached.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cached.with_name(cached.name + ".tmp")
-    tmp.write_bytes((run_dir / "model.pt").read_bytes())
-    os.replace(tmp, cached)
+    for source, target in ((run_dir / "metrics.jsonl", cache_log(cfg)), (run_dir / "model.pt", cached)):
+        if source.is_file():  # the log first: a cached model always has its log beside it
+            tmp = target.with_name(target.name + ".tmp")
+            tmp.write_bytes(source.read_bytes())
+            os.replace(tmp, target)
     return trainer.model.cpu().eval(), False
 
 

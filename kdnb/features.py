@@ -6,7 +6,8 @@ a ``with`` block and removes every hook on exit, so a model is never left instru
 that maps student channels to teacher channels; it trains with the student and is dropped
 at inference. :func:`match_size` (feature maps, bilinear) and :func:`resize_labels` (label
 masks, nearest) are the one place where maps of different sizes are brought to the same
-resolution.
+resolution. :func:`channel_rms` and :func:`magnitude_spread` measure how unequal a
+network's channel magnitudes are per layer, the premise of NFD.
 
 Training needs no hooks: a :class:`kdnb.models.SegModel` returns its head feature and its
 encoder stages from its own forward pass (``model(images, features=True, stages=...)``);
@@ -148,6 +149,40 @@ def stage_channels(model: nn.Module, stage: int) -> int:
         raise ValueError(f"{getattr(inner, 'preset', type(inner).__name__)}'s encoder has "
                          f"stages 1..{len(channels) - 1}; got stage{stage}")
     return int(channels[stage])
+
+
+@torch.no_grad()
+def channel_rms(model: nn.Module, images: torch.Tensor, batch: int = 64) -> dict[str, torch.Tensor]:
+    """NFD's premise, measured: per layer, the RMS of each channel over images and positions.
+
+    Runs a :class:`kdnb.models.SegModel` in eval mode on ``images (N, 3, H, W)`` and
+    returns ``{"stage1": (C_1,), ..., "head": (C,)}`` in float64: every encoder stage and
+    the head feature, the maps a loss's ``layer`` can name. :func:`magnitude_spread`
+    summarizes how unequal the channels are.
+    """
+    model.eval()
+    stages = list(range(1, len(unwrap(model).net.encoder.out_channels)))
+    squares: dict[str, torch.Tensor] = {}
+    count: dict[str, int] = {}
+    for start in range(0, len(images), batch):
+        _, maps = model(images[start:start + batch], features=True, stages=stages)
+        for name, x in maps.items():
+            if name == "logits":
+                continue
+            squares[name] = squares.get(name, 0) + x.double().square().sum((0, 2, 3))
+            count[name] = count.get(name, 0) + x.shape[0] * x.shape[2] * x.shape[3]
+    order = [f"stage{n}" for n in stages] + ["feats"]
+    return {("head" if k == "feats" else k): (squares[k] / count[k]).sqrt() for k in order}
+
+
+def magnitude_spread(rms: torch.Tensor) -> dict[str, float]:
+    """How unequal channel magnitudes are: the 10th, 50th and 90th percentiles of ``rms
+    (C,)`` across channels, their ratio ``p90 / p10`` (1 when every channel has the same
+    size), and the number of dead channels (RMS below 1e-8)."""
+    q = torch.quantile(rms, torch.tensor([0.1, 0.5, 0.9], dtype=rms.dtype)).tolist()
+    return {"p10": q[0], "p50": q[1], "p90": q[2],
+            "ratio": q[2] / q[0] if q[0] > 0 else float("inf"),
+            "dead": int((rms <= 1e-8).sum())}
 
 
 def match_size(x: torch.Tensor, size: tuple[int, int] | torch.Size) -> torch.Tensor:

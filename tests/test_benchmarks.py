@@ -174,14 +174,17 @@ def test_synth_distill_pretrained_regime_starts_every_run_from_pretext_encoders(
            "KDNB_DATA": str(tmp_path / "data")}
     cmd = [sys.executable, str(ROOT / "benchmarks" / "synth_distill.py"), "--quick", "--no-write",
            "--seeds", "1", "--threads", "1", "--root", str(tmp_path / "runs"), "--regime",
-           "pretrained", "--methods", "baseline", "kd"]
+           "pretrained", "--methods", "baseline", "kd+fakd-mkd", "nfd-multi"]  # two VARIANTS
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     encoders = sorted(p.name for p in (tmp_path / "data" / "checkpoints").glob("pretext-*.pt"))
     assert [e.split("-")[1] for e in encoders] == ["mobilenet_v2", "resnet18"]
     runs = tmp_path / "runs" / "pretrained"
-    for run, encoder in (("teacher", "resnet18"), ("kd-s0", "mobilenet_v2"),
-                         ("baseline-s0", "mobilenet_v2")):
+    for run, encoder in (("teacher", "resnet18"), ("kd+fakd-mkd-s0", "mobilenet_v2"),
+                         ("nfd-multi-s0", "mobilenet_v2"), ("baseline-s0", "mobilenet_v2")):
         cfg = json.loads((runs / run / "config.json").read_text())
         assert Path(cfg["encoder_init"]).name.startswith(f"pretext-{encoder}-"), (run, cfg)
-    assert "| kd |" in proc.stdout and "pretext val accuracy" in proc.stdout
+    assert "| kd+fakd-mkd |" in proc.stdout and "pretext val accuracy" in proc.stdout
+    for term in ("nfd@stage1", "nfd@stage4", "fakd"):  # every layer and the bound trained
+        assert term in (runs / ("kd+fakd-mkd-s0" if term == "fakd" else "nfd-multi-s0")
+                        / "metrics.jsonl").read_text(), term

@@ -68,3 +68,33 @@ def test_channel_adapter_and_match_size():
     t = torch.rand(2, 16, 10, 14)
     assert match_size(t, (5, 7)).shape == (2, 16, 5, 7)
     assert match_size(t, (10, 14)) is t
+
+
+def test_channel_rms_is_each_channels_rms_at_every_layer(model):
+    """channel_rms equals the RMS written out on the model's own maps, for every stage and
+    the head, and is invariant to how the images are batched."""
+    from kdnb.features import channel_rms
+
+    images = torch.rand(6, 3, 32, 32)
+    rms = channel_rms(model, images, batch=4)
+    stages = list(range(1, len(model.net.encoder.out_channels)))
+    assert list(rms) == [f"stage{n}" for n in stages] + ["head"]
+    with torch.no_grad():
+        _, maps = model(images, features=True, stages=stages)
+    for name, values in rms.items():
+        x = maps["feats" if name == "head" else name].double()
+        torch.testing.assert_close(values, x.square().mean((0, 2, 3)).sqrt())
+    for name, values in channel_rms(model, images, batch=6).items():
+        torch.testing.assert_close(values, rms[name])
+
+
+def test_magnitude_spread_percentiles_ratio_and_dead_channels():
+    from kdnb.features import magnitude_spread
+
+    equal = magnitude_spread(torch.full((8,), 0.5, dtype=torch.float64))
+    assert equal["ratio"] == pytest.approx(1.0) and equal["dead"] == 0
+    spread = magnitude_spread(torch.arange(1, 12, dtype=torch.float64))  # 1..11
+    assert (spread["p10"], spread["p50"], spread["p90"]) == pytest.approx((2.0, 6.0, 10.0))
+    assert spread["ratio"] == pytest.approx(5.0)
+    dead = magnitude_spread(torch.tensor([0.0, 0.0, 1.0, 2.0], dtype=torch.float64))
+    assert dead["dead"] == 2 and dead["ratio"] == float("inf")

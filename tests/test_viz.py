@@ -59,3 +59,24 @@ def test_write_predictions_leaves_backend_and_generators_alone(tmp_path):
     assert (tmp_path / "p.png").stat().st_size > 0
     assert matplotlib.get_backend() == backend
     assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_a_model_from_the_cache_replays_its_curves_from_another_run_directory(tmp_path,
+                                                                               monkeypatch):
+    """A notebook that loads a model another notebook trained (another run directory)
+    replays its log from the cache: every run in the live plot has its lines."""
+    from kdnb.experiments import cache_log, student_config, train_or_load
+    from kdnb.viz import LiveCurves
+
+    monkeypatch.setenv("KDNB_DATA", str(tmp_path / "data"))
+    cfg = student_config({}, quick=True, steps=4, log_every=1)
+    train_or_load(cfg, tmp_path / "02" / "baseline", progress=False)
+    assert cache_log(cfg).read_text() == (tmp_path / "02" / "baseline" / "metrics.jsonl").read_text()
+    live = LiveCurves(total_runs=1, show=False)
+    live.start("baseline", 0)
+    _, reused = train_or_load(cfg, tmp_path / "03" / "baseline", progress=False, callbacks=[live])
+    assert reused and not (tmp_path / "03" / "baseline").exists()
+    assert not live.replay(tmp_path / "03" / "baseline")  # what notebook 03 did: no log there
+    assert live.replay(cache_log(cfg))
+    assert all(line.get_xdata().size for line in live.axes[0].get_lines())
+    assert [line.get_label() for line in live.axes[0].get_lines()] == ["baseline"]
