@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 export HF_HUB_OFFLINE ?= 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: demo test test-widgets7 lab strip check-notebooks clean
+.PHONY: demo test test-widgets7 lab strip check-notebooks colab-links wheel clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -39,9 +39,18 @@ lab: $(STAMP)  ## JupyterLab on the workbook
 strip: $(STAMP)  ## remove notebook outputs before committing
 	$(BIN)/nbstripout notebooks/*.ipynb 2>/dev/null || true
 
+colab-links:  ## point every Colab badge and install cell at REPO=owner/name
+	@test -n "$(REPO)" || { echo "usage: make colab-links REPO=owner/name [BRANCH=main]"; exit 2; }
+	$(PYTHON) notebooks/colab_links.py "$(REPO)" --branch "$(or $(BRANCH),main)"
+
+wheel: $(STAMP)  ## dist/kdnb-*.whl, to upload to a Colab runtime (its install cell finds it)
+	$(BIN)/python -m pip wheel --no-deps --no-build-isolation -w dist . > $(VENV)/wheel.log 2>&1 \
+	  || { tail -20 $(VENV)/wheel.log; exit 1; }
+	@ls dist/kdnb-*.whl
+
 check-notebooks: $(STAMP)
 	@if ls notebooks/*.ipynb >/dev/null 2>&1; then $(BIN)/nbstripout --verify notebooks/*.ipynb \
 	  || { echo "notebooks have stored outputs: run 'make strip'"; exit 1; }; fi
 
 clean:
-	rm -rf $(VENV) $(IW7) runs .pytest_cache kdnb.egg-info
+	rm -rf $(VENV) $(IW7) runs .pytest_cache kdnb.egg-info dist build

@@ -146,7 +146,7 @@ class LiveCurves:
     """
 
     def __init__(self, *, total_runs: int | None = None, min_interval: float = 0.0,
-                 figsize: tuple[float, float] = (12.0, 3.4), show: bool = True):
+                 figsize: tuple[float, float] = (11.0, 3.4), show: bool = True):
         from matplotlib.figure import Figure
 
         self.records: dict[tuple[str, int], list[dict]] = {}

@@ -45,6 +45,8 @@ try:
             continue
         _moved[_name] = 0
         for _control in _box.kwargs_widgets:
+            # a slider that redraws on every intermediate value queues multi-second redraws
+            assert not getattr(_control, "continuous_update", False), (_name, _control.description)
             if isinstance(_control, _widgets.Checkbox):
                 _control.value = not _control.value
             elif hasattr(_control, "index"):
