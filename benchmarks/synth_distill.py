@@ -151,6 +151,9 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=list(COMPARISON),
                         help="names of kdnb.experiments.COMPARISON or VARIANTS (the authors' "
                              "choices), or of a --variant")
+    parser.add_argument("--pair", action="append", default=[], metavar="METHOD:AGAINST",
+                        help="another paired method-vs-method row (beside PAIRS), e.g. "
+                             "nfd-multi-w8:mse-multi")
     parser.add_argument("--sweep", help="METHOD=w1,w2,...: val mIoU per weight, seed 0")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="change a student config field for every run (use with --tag)")
@@ -175,6 +178,12 @@ def main() -> None:
         if not sep or name in methods:
             raise SystemExit(f"--variant expects NAME=JSON with a new NAME, got {item!r}")
         methods[name] = json.loads(spec)
+    pairs = list(PAIRS)
+    for item in args.pair:
+        a, sep, b = item.partition(":")
+        if not sep or a not in methods or b not in methods:
+            raise SystemExit(f"--pair expects METHOD:AGAINST, two of {list(methods)}, got {item!r}")
+        pairs.append((a, b))
     unknown = [m for m in args.methods if m not in methods]
     if unknown:
         raise SystemExit(f"unknown methods {unknown}: choose among {list(methods)} "
@@ -238,9 +247,9 @@ def main() -> None:
         for split, teacher_miou in (("val", teacher_val), ("test", teacher_test)):
             rows = [read_run(r, split, n) for r, n in zip(runs, labels)]
             table = format_table(compare(rows, teacher_miou), teacher_miou)
-            pairs = paired_table(rows, PAIRS)
+            paired = paired_table(rows, pairs)
             heading = "val (model selection)" if split == "val" else "test (reported)"
-            parts.append(f"{heading}:\n\n{table}" + (f"\n\n{pairs}" if pairs else ""))
+            parts.append(f"{heading}:\n\n{table}" + (f"\n\n{paired}" if paired else ""))
         report = "\n\n".join(parts)
         title = f"SynthScenes distillation, {args.seeds} paired seeds"
     if args.regime == "pretrained":
