@@ -14,16 +14,21 @@ a run resumed from a checkpoint at step k continues exactly as if it had never s
 A run directory holds ``config.json``, ``metrics.jsonl`` (one JSON record per line),
 checkpoints ``ckpt-<step>.pt``, ``final.json`` and ``model.pt`` (:mod:`kdnb.checkpoint`
 writes them atomically, with manifests). A NaN or Inf loss stops the run before anything
-from that step is written (``skip_nonfinite`` skips such steps instead).
+from that step is written (``skip_nonfinite`` skips such steps instead). One process at a
+time trains in a run directory (:class:`kdnb.rundir.RunLock`), and a checkpoint resumes
+only under the config stored in it and with the teacher and pretext encoder files it
+was trained with (their SHA-256 travel in every checkpoint).
 
 Introduced in notebooks/00_setup_and_data.ipynb.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -39,6 +44,7 @@ from .config import TrainConfig
 from .data.sampler import Indexed, StepSampler, collate
 from .distill import DistillLosses, distill_step, task_loss
 from .metrics import evaluate
+from .rundir import RunLock, input_digests, input_differences
 from .runtime import autocast, average_gradients, rng_state, seed_everything, set_rng_state
 
 Callback = Callable[[dict], None]
@@ -109,6 +115,7 @@ class Trainer:
         self.step_skipped = False  # set by optimizer_step
         self.last_checkpoint: Path | None = None
         self._first_bad = None  # (loss names, first bad step, its terms), on the device
+        self.inputs: dict[str, str] = {}  # set by fit: digests of the files the run depends on
 
     @property
     def layers(self) -> dict[str, int | None]:
@@ -190,8 +197,19 @@ class Trainer:
         Raises:
             NonFiniteLossError: a loss became NaN or Inf (unless ``skip_nonfinite``).
         """
+        if (resume and not (self.run_dir / "config.json").is_file()
+                and not checkpoint_paths(self.run_dir)):
+            raise FileNotFoundError(f"--resume: {self.run_dir} holds no run (no config.json, no "
+                                    "checkpoint): check the path, or leave out --resume to "
+                                    "start a new run there")
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        with RunLock(self.run_dir) if self.rank == 0 else contextlib.nullcontext():
+            self._start(resume)
+            return self._train()
+
+    def _train(self) -> dict:
+        """:meth:`fit`'s loop, from ``self.step`` to the end, and the final evaluation."""
         cfg = self.cfg
-        self._start(resume)
         loader = self.loader()
         bar = None
         if self.progress and self.rank == 0:
@@ -277,17 +295,28 @@ class Trainer:
         return losses
 
     def _start(self, resume: bool) -> None:
-        """Prepares the run directory: a fresh run, or the newest good checkpoint of one."""
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        """Prepares the run directory: a fresh run, or the newest good checkpoint of one.
+        Everything is checked before anything in the directory changes."""
         self.last_checkpoint, self._first_bad = None, None
         if not resume and checkpoint_paths(self.run_dir):
             raise FileExistsError(f"{self.run_dir} already holds checkpoints: pass --resume "
                                   "to continue that run, or choose a new --run-dir")
-        self._check_config()
+        cfg = self.cfg
+        # a batch the data cannot fill fails here, before config.json is written
+        StepSampler(len(self.train_set), cfg.batch_size, cfg.steps, seed=cfg.seed,
+                    rank=self.rank, world=self.world)
+        self.inputs = input_digests(cfg)
+        found = load_newest_good(self.run_dir, map_location=self.device) if resume else None
+        if found is not None:
+            self._check_checkpoint(*found)
+        self._check_config(restore_from=found[0] if found is not None else None)
         if self.rank == 0:  # what a killed process left: temporary files, lone manifests
             remove_stale_files(self.run_dir)
-        if not (resume and self.resume()):
+        if found is None:
             self._cut_metrics(0)  # a run killed before its first checkpoint starts over
+        else:
+            self.load(found[1])
+            self.last_checkpoint = found[0]
         if self.step == 0:
             # The training stream (dropout) is a function of the seed alone, whatever ran
             # since the model was built; every rank gets its own.
@@ -343,6 +372,7 @@ class Trainer:
             **self.model_record(),
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
             "rng": rng_state(),
+            "inputs": self.inputs,  # SHA-256 of the teacher and pretext encoder files
             "extra": {"losses": self.losses.state_dict()} if self.losses is not None else {},
             # how much of metrics.jsonl this state has seen: resume cuts the rest (replayed)
             "metrics_bytes": metrics.stat().st_size if metrics.is_file() else 0,
@@ -381,6 +411,8 @@ class Trainer:
         if found is None:
             return False
         path, ckpt = found
+        self.inputs = input_digests(self.cfg)
+        self._check_checkpoint(path, ckpt)
         self.load(ckpt)
         self.last_checkpoint = path
         return True
@@ -396,7 +428,23 @@ class Trainer:
         if path.stat().st_size > nbytes:
             os.truncate(path, nbytes)
 
-    def _check_config(self) -> None:
+    def _check_checkpoint(self, path: Path, ckpt: dict) -> None:
+        """A checkpoint resumes only under its own config and with the files it was trained
+        with: the config stored in it is the source of truth (config.json can be lost or
+        edited), and the teacher and pretext encoder must hash as they did."""
+        problems = []
+        if "config" in ckpt:
+            stored = json.loads(json.dumps(ckpt["config"]))  # as config.json holds it
+            diff = config_differences({**TrainConfig().to_json(), **stored}, self.cfg)
+            if diff:
+                problems.append(f"its config differs in {diff}")
+        problems += input_differences(ckpt.get("inputs", {}), self.inputs, self.cfg)
+        if problems:
+            raise ValueError(f"{path} cannot resume this run: {'; '.join(problems)}. Either "
+                             "resume with the same settings and the files it was trained with "
+                             "(restore them), or start a new run in another --run-dir")
+
+    def _check_config(self, restore_from: Path | None = None) -> None:
         path = self.run_dir / "config.json"
         current = self.cfg.to_json()
         saved = saved_config(path)
@@ -405,6 +453,9 @@ class Trainer:
             if diff:
                 raise ValueError(f"{self.run_dir} holds a run with another config (differs in "
                                  f"{diff}): resume with the same settings or use a new --run-dir")
+        elif restore_from is not None and self.rank == 0:
+            # the checkpoint's config matched (_check_checkpoint): it is the one written here
+            warnings.warn(f"{path} was missing: restored from {restore_from.name}")
         if self.rank == 0 and saved != current:
             atomic_save_json(current, path)
 
