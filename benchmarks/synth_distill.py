@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 from kdnb.build import build_trainer
-from kdnb.checkpoint import load_checkpoint, model_from_checkpoint
+from kdnb.checkpoint import holds_run, load_checkpoint, model_from_checkpoint
 from kdnb.compare import compare, format_table, read_run
 from kdnb.config import TrainConfig, config_hash
 from kdnb.data import build_dataset
@@ -62,7 +62,7 @@ def run_one(name: str, methods: dict, seed: int, teacher: str, root: Path, quick
         model = None
     else:
         trainer = build_trainer(cfg, run_dir, progress=not quick, teacher_outputs=teacher_outputs)
-        trainer.fit(resume=(run_dir / "config.json").is_file())
+        trainer.fit(resume=holds_run(run_dir))
         model = trainer.model
     for split, dataset in held_out.items():
         # A score counts when it was taken on the split as it is now: a run scored before

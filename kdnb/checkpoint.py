@@ -175,6 +175,11 @@ def checkpoint_paths(run_dir: Path) -> list[Path]:
     return sorted(Path(run_dir).glob("ckpt-*.pt"), key=lambda p: p.name, reverse=True)
 
 
+def holds_run(run_dir: str | Path) -> bool:
+    """Whether a directory holds a run to resume: its ``config.json`` or a checkpoint."""
+    return (Path(run_dir) / "config.json").is_file() or bool(checkpoint_paths(Path(run_dir)))
+
+
 def checkpoint_step(path: Path) -> int:
     """The step in a checkpoint's name (``ckpt-0000300.pt`` -> 300)."""
     return int(Path(path).stem.split("-")[-1])
@@ -322,8 +327,10 @@ def remove_stale_files(run_dir: Path) -> list[Path]:
 
 
 #: Config fields a resumed run may change (everything else must match the saved run): a step
-#: that completes normally is the same either way.
-RESUME_MAY_CHANGE = ("skip_nonfinite",)
+#: that completes normally is the same either way, and neither evaluation's batch nor the
+#: number of checkpoints kept changes a weight (the thread count can: float sums in
+#: another order).
+RESUME_MAY_CHANGE = ("skip_nonfinite", "eval_batch_size", "keep_checkpoints")
 
 
 def saved_config(path: Path) -> dict | None:

@@ -17,7 +17,8 @@ import shutil
 from pathlib import Path
 
 from .build import build_trainer
-from .checkpoint import RESUME_MAY_CHANGE, config_differences, model_from_checkpoint, saved_config
+from .checkpoint import (RESUME_MAY_CHANGE, config_differences, holds_run, model_from_checkpoint,
+                         saved_config)
 from .config import TrainConfig, config_hash, get_recipe, settings_key
 from .data import data_root
 from .distill import TeacherOutputs
@@ -133,7 +134,7 @@ def train_or_load(cfg: TrainConfig, run_dir: Path, *, fresh: bool = False,
         set_aside_other_settings(run_dir, cfg)
     trainer = build_trainer(cfg, run_dir, progress=progress, callbacks=callbacks,
                             teacher_outputs=teacher_outputs)
-    trainer.fit(resume=run_dir.joinpath("config.json").is_file() and not fresh)
+    trainer.fit(resume=holds_run(run_dir) and not fresh)
     cached.parent.mkdir(parents=True, exist_ok=True)
     for source, target in ((run_dir / "metrics.jsonl", cache_log(cfg)), (run_dir / "model.pt", cached)):
         if source.is_file():  # the log first: a cached model always has its log beside it

@@ -158,8 +158,9 @@ def channel_rms(model: nn.Module, images: torch.Tensor, batch: int = 64) -> dict
     Runs a :class:`kdnb.models.SegModel` in eval mode on ``images (N, 3, H, W)`` and
     returns ``{"stage1": (C_1,), ..., "head": (C,)}`` in float64: every encoder stage and
     the head feature, the maps a loss's ``layer`` can name. :func:`magnitude_spread`
-    summarizes how unequal the channels are.
+    summarizes how unequal the channels are. The model's train/eval mode is restored.
     """
+    was_training = model.training
     model.eval()
     stages = list(range(1, len(unwrap(model).net.encoder.out_channels)))
     squares: dict[str, torch.Tensor] = {}
@@ -171,6 +172,7 @@ def channel_rms(model: nn.Module, images: torch.Tensor, batch: int = 64) -> dict
                 continue
             squares[name] = squares.get(name, 0) + x.double().square().sum((0, 2, 3))
             count[name] = count.get(name, 0) + x.shape[0] * x.shape[2] * x.shape[3]
+    model.train(was_training)
     order = [f"stage{n}" for n in stages] + ["feats"]
     return {("head" if k == "feats" else k): (squares[k] / count[k]).sqrt() for k in order}
 
@@ -179,7 +181,7 @@ def magnitude_spread(rms: torch.Tensor) -> dict[str, float]:
     """How unequal channel magnitudes are: the 10th, 50th and 90th percentiles of ``rms
     (C,)`` across channels, their ratio ``p90 / p10`` (1 when every channel has the same
     size), and the number of dead channels (RMS below 1e-8)."""
-    q = torch.quantile(rms, torch.tensor([0.1, 0.5, 0.9], dtype=rms.dtype)).tolist()
+    q = torch.quantile(rms, torch.tensor([0.1, 0.5, 0.9], dtype=rms.dtype, device=rms.device)).tolist()
     return {"p10": q[0], "p50": q[1], "p90": q[2],
             "ratio": q[2] / q[0] if q[0] > 0 else float("inf"),
             "dead": int((rms <= 1e-8).sum())}

@@ -1,17 +1,17 @@
 """What guards a run directory: one process at a time, and the files a run depends on.
 
-A run directory belongs to one training process: :class:`RunLock` writes ``.lock`` (the
-PID and host of its holder) before the run writes anything else, and removes it when the
-run ends, however it ends. A second process into the same directory is refused while the
-holder lives; a lock left by a killed process on this host (its PID no longer runs) is
-taken over with a warning. A lock from another host cannot be checked from here: the
-message says to delete it once that process is known to be gone.
+A run directory belongs to one training process: :class:`RunLock` locks ``.lock`` (and
+writes the PID and host of its holder into it) before the run writes anything else, and
+removes it when the run ends. A second process into the same directory is refused while
+the holder lives; the lock dies with its process, so a killed run's directory is taken
+over by the next run (with a warning), on any host.
 
 A run also depends on files outside its directory: the teacher of a distillation run and
 the pretext encoder it started from (``TrainConfig.teacher``, ``encoder_init``).
-:func:`input_digests` hashes them; every checkpoint keeps the digests, and a resume whose
-files hash differently is refused (:func:`input_differences`), since a run continued with
-another teacher would be a mix of two runs that neither file describes.
+:func:`input_digests` hashes them and every checkpoint keeps the digests. A resume whose
+teacher hashes differently is refused (:func:`input_differences`): a run continued with
+another teacher would be a mix of two runs that neither file describes. A changed pretext
+encoder only warns, since a resumed run loads every weight from its checkpoint.
 
 Introduced in notebooks/00_setup_and_data.ipynb.
 """
@@ -24,7 +24,12 @@ import time
 import warnings
 from pathlib import Path
 
-from .checkpoint import _alive, file_sha256
+from .checkpoint import file_sha256
+
+try:
+    import fcntl
+except ImportError:  # not POSIX (Windows): runs go unlocked
+    fcntl = None
 from .config import TrainConfig
 
 __all__ = ["RunLock", "RunLockedError", "input_digests", "input_differences"]
@@ -40,59 +45,84 @@ class RunLockedError(RuntimeError):
 class RunLock:
     """``.lock`` in a run directory, held by one process for the length of a run.
 
-    Use as a context manager, or :meth:`acquire` / :meth:`release`. The lock file is
-    created with ``O_EXCL``, so two processes starting at once cannot both take it.
+    The lock is the kernel's (``fcntl.flock`` on the open file), so it ends with its
+    process however that process ends, on this host and on another one sharing the
+    filesystem; the file's JSON (PID, host, start time) only names the holder in the
+    message. A process that dies without :meth:`release` leaves the file, and the next
+    run takes it over. On a filesystem without file locks the run goes on unlocked, with
+    a warning. Use as a context manager, or :meth:`acquire` / :meth:`release`.
     """
 
     def __init__(self, run_dir: str | Path):
         self.path = Path(run_dir) / ".lock"
-        self.held = False
+        self._fh = None
+
+    @property
+    def held(self) -> bool:
+        return self._fh is not None
 
     def acquire(self) -> "RunLock":
-        me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
-        for _ in range(2):  # the second try follows the removal of a stale lock
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                self._clear_stale()
-                continue
-            with os.fdopen(fd, "w") as fh:
-                json.dump(me, fh)
-            self.held = True
+        if fcntl is None:
+            warnings.warn("no file locks on this platform: start one process per run directory")
             return self
-        raise RunLockedError(f"could not take {self.path}: another process took it at the "
-                             "same moment; wait for it to end")
-
-    def _clear_stale(self) -> None:
-        try:
-            holder = json.loads(self.path.read_text() or "{}")
-        except (OSError, ValueError):
-            holder = {}  # half-written by a process killed while taking it
-        pid, host = holder.get("pid"), holder.get("host")
-        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.get("since", 0)))
-        if isinstance(pid, int) and host == socket.gethostname() and _alive(pid):
-            raise RunLockedError(
-                f"{self.path.parent} is in use: process {pid} on this host has trained there "
-                f"since {since}. Wait for it to end (or stop it), or choose another --run-dir")
-        if host not in (None, socket.gethostname()):
-            raise RunLockedError(
-                f"{self.path.parent} is locked by process {pid} on host {host} (since "
-                f"{since}), which cannot be checked from here: if that process has ended, "
-                f"delete {self.path} and run again; else choose another --run-dir")
-        warnings.warn(f"{self.path} was left by process {pid}, which no longer runs "
-                      "(killed?): taking the run directory over")
-        self.path.unlink(missing_ok=True)
+        while True:
+            fh = open(self.path, "a+")
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                fh.seek(0)
+                holder = _holder(fh.read())
+                fh.close()
+                raise RunLockedError(
+                    f"{self.path.parent} is in use: {holder} trains there. Wait for it to "
+                    "end (or stop it), or choose another --run-dir") from None
+            except OSError as err:  # no file locks here (some network or FUSE filesystems)
+                fh.close()
+                warnings.warn(f"{self.path}: this filesystem has no file locks ({err}); the run "
+                              "goes on unlocked: start one process per run directory")
+                return self
+            try:
+                same = os.fstat(fh.fileno()).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:  # not a file that its holder removed while we opened it
+                break
+            fh.close()
+        fh.seek(0)
+        left = fh.read()
+        if left.strip():
+            warnings.warn(f"{self.path} was left by {_holder(left)}, which has ended (killed?): "
+                          "taking the run directory over")
+        fh.seek(0)
+        fh.truncate()
+        fh.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                             "since": time.time()}))
+        fh.flush()
+        self._fh = fh
+        return self
 
     def release(self) -> None:
-        if self.held:
-            self.path.unlink(missing_ok=True)
-            self.held = False
+        if self._fh is not None:
+            self.path.unlink(missing_ok=True)  # while still held: no one locks a removed file
+            fcntl.flock(self._fh, fcntl.LOCK_UN)
+            self._fh.close()
+            self._fh = None
 
     def __enter__(self) -> "RunLock":
         return self.acquire()
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def _holder(text: str) -> str:
+    """Who a lock file names, for a message."""
+    try:
+        info = json.loads(text)
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(info["since"])))
+        return f"process {int(info['pid'])} on host {info['host']} (since {since})"
+    except (ValueError, TypeError, KeyError, OverflowError, OSError):
+        return "another process"
 
 
 def input_digests(cfg: TrainConfig) -> dict[str, str]:
@@ -110,8 +140,17 @@ def input_digests(cfg: TrainConfig) -> dict[str, str]:
 
 def input_differences(saved: dict, current: dict, cfg: TrainConfig) -> list[str]:
     """One line per input file whose digest differs from the checkpoint's (a file the
-    checkpoint did not hash, or one the run no longer finds, is not compared)."""
-    return [f"the {field} {getattr(cfg, field)} is not the file this run was trained with "
-            f"(SHA-256 {current[field][:12]}..., the checkpoint says {saved[field][:12]}...)"
-            for field in INPUT_FILES
-            if field in saved and field in current and saved[field] != current[field]]
+    checkpoint did not hash, or one the run no longer finds, is not compared). The teacher
+    counts; a changed ``encoder_init`` is only warned about (the checkpoint holds every
+    weight it set)."""
+    problems = []
+    for field in INPUT_FILES:
+        if field in saved and field in current and saved[field] != current[field]:
+            line = (f"the {field} {getattr(cfg, field)} is not the file this run was trained "
+                    f"with (SHA-256 {current[field][:12]}..., the checkpoint says "
+                    f"{saved[field][:12]}...)")
+            if field == "teacher":
+                problems.append(line)
+            else:
+                warnings.warn(line + ": resuming anyway, every weight comes from the checkpoint")
+    return problems

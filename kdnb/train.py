@@ -39,12 +39,13 @@ from torch.utils.data import DataLoader, Dataset
 
 from . import __version__
 from .checkpoint import (atomic_save, atomic_save_json, checkpoint_paths, config_differences,
-                         load_newest_good, remove_stale_files, save_checkpoint, saved_config)
+                         holds_run, load_newest_good, remove_stale_files, save_checkpoint,
+                         saved_config)
 from .config import TrainConfig
 from .data.sampler import Indexed, StepSampler, collate
 from .distill import DistillLosses, distill_step, task_loss
 from .metrics import evaluate
-from .rundir import RunLock, input_digests, input_differences
+from .rundir import RunLock, RunLockedError, input_digests, input_differences
 from .runtime import autocast, average_gradients, rng_state, seed_everything, set_rng_state
 
 Callback = Callable[[dict], None]
@@ -197,15 +198,37 @@ class Trainer:
         Raises:
             NonFiniteLossError: a loss became NaN or Inf (unless ``skip_nonfinite``).
         """
-        if (resume and not (self.run_dir / "config.json").is_file()
-                and not checkpoint_paths(self.run_dir)):
+        if resume and not holds_run(self.run_dir):
             raise FileNotFoundError(f"--resume: {self.run_dir} holds no run (no config.json, no "
                                     "checkpoint): check the path, or leave out --resume to "
                                     "start a new run there")
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        with RunLock(self.run_dir) if self.rank == 0 else contextlib.nullcontext():
+        with self._lock():
             self._start(resume)
             return self._train()
+
+    @contextlib.contextmanager
+    def _lock(self):
+        """Rank 0 holds the run directory's lock (:class:`kdnb.rundir.RunLock`); under DDP
+        every rank learns whether it got it, so none waits in a collective for a refused
+        rank 0."""
+        lock, refused = RunLock(self.run_dir), None
+        if self.rank == 0:
+            try:
+                lock.acquire()
+            except RunLockedError as err:
+                refused = err
+        if self.world > 1:
+            flag = torch.tensor([float(refused is not None)], device=self.device)
+            dist.broadcast(flag, src=0)
+            if flag.item() and refused is None:
+                raise RunLockedError(f"rank 0 could not lock {self.run_dir} (its error says why)")
+        if refused is not None:
+            raise refused
+        try:
+            yield lock
+        finally:
+            lock.release()
 
     def _train(self) -> dict:
         """:meth:`fit`'s loop, from ``self.step`` to the end, and the final evaluation."""

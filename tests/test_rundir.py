@@ -6,6 +6,7 @@ in one run directory, ``--resume`` into a directory that holds no run. Each asse
 outcome, the message (the problem and the way out), and that the run directory is left as
 it was.
 """
+import hashlib
 import json
 import os
 import shutil
@@ -20,7 +21,8 @@ from kdnb.build import build_trainer
 from kdnb.checkpoint import atomic_save, load_checkpoint
 from kdnb.cli import main
 from kdnb.config import TrainConfig
-from kdnb.rundir import RunLock, RunLockedError, input_digests
+from kdnb.pretrain import PretrainConfig, pretrain_encoder
+from kdnb.rundir import RunLock, RunLockedError
 from test_bad_inputs import digest
 
 
@@ -79,7 +81,7 @@ def killed_student(tmp_path, teacher):
 def test_a_checkpoint_records_the_teacher_it_was_trained_with(tmp_path, teacher):
     cfg, run, own = killed_student(tmp_path, teacher)
     ckpt = load_checkpoint(run / "ckpt-0000002.pt")
-    assert ckpt["inputs"] == input_digests(cfg) and set(ckpt["inputs"]) == {"teacher"}
+    assert ckpt["inputs"] == {"teacher": hashlib.sha256(own.read_bytes()).hexdigest()}
 
 
 def test_resume_with_the_teacher_swapped_is_refused(tmp_path, teacher):
@@ -154,24 +156,36 @@ def test_resume_into_a_directory_without_a_run_is_an_error(tmp_path, capsys):
     assert "holds no run" in err and "leave out --resume" in err and not missing.exists()
 
 
+HOLD = """
+import fcntl, json, os, socket, sys, time
+fh = open(sys.argv[1], "a+")
+fcntl.flock(fh, fcntl.LOCK_EX)
+fh.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}))
+fh.flush()
+print("held", flush=True)
+time.sleep(120)
+"""
+
+
 def test_a_second_process_in_the_same_run_directory_is_refused(tmp_path):
     cfg = tiny()
     run = tmp_path / "run"
     with pytest.raises(Stop):
         build_trainer(cfg, run, progress=False, callbacks=[stop_after(3)]).fit()
-    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(run / ".lock")],
+                              stdout=subprocess.PIPE, text=True)
     try:
-        (run / ".lock").write_text(json.dumps({"pid": holder.pid, "host": socket.gethostname(),
-                                               "since": 0}))
+        assert holder.stdout.readline().strip() == "held"
         before = digest(run)
-        with pytest.raises(RunLockedError, match=f"process {holder.pid} on this host"):
+        with pytest.raises(RunLockedError, match=f"process {holder.pid} on host "
+                                                 f"{socket.gethostname()}"):
             build_trainer(cfg, run, progress=False).fit(resume=True)
         assert digest(run) == before  # the holder's lock and every file untouched
     finally:
         holder.kill()
         holder.wait()
-    # the holder is dead: its lock is stale, taken over with a warning, and released
-    with pytest.warns(UserWarning, match="no longer runs"):
+    # the holder was killed: the kernel dropped its lock, the file it left is taken over
+    with pytest.warns(UserWarning, match=f"left by process {holder.pid}.*has ended"):
         build_trainer(cfg, run, progress=False).fit(resume=True)
     assert not (run / ".lock").exists()
 
@@ -181,6 +195,8 @@ def test_the_lock_is_held_during_the_run_and_released_after_a_failure(tmp_path):
 
     def look(record):
         seen.append(json.loads((tmp_path / "run" / ".lock").read_text())["pid"])
+        with pytest.raises(RunLockedError, match="is in use"):
+            RunLock(tmp_path / "run").acquire()  # a second taker, even in this process
         raise Stop
 
     with pytest.raises(Stop):
@@ -188,14 +204,27 @@ def test_the_lock_is_held_during_the_run_and_released_after_a_failure(tmp_path):
     assert seen == [os.getpid()] and not (tmp_path / "run" / ".lock").exists()
 
 
-def test_a_lock_from_another_host_names_the_file_to_delete(tmp_path):
-    (tmp_path / ".lock").write_text(json.dumps({"pid": 1, "host": "elsewhere", "since": 0}))
-    with pytest.raises(RunLockedError, match=r"host elsewhere.*delete .*\.lock"):
-        RunLock(tmp_path).acquire()
-    (tmp_path / "free").mkdir()
-    with RunLock(tmp_path / "free") as lock:
-        assert lock.held and (tmp_path / "free" / ".lock").is_file()
-    assert not (tmp_path / "free" / ".lock").exists()
+def test_a_lock_file_with_garbage_is_taken_over(tmp_path):
+    (tmp_path / ".lock").write_text("[1, 2")  # a holder killed while writing it
+    with pytest.warns(UserWarning, match="left by another process"):
+        with RunLock(tmp_path) as lock:
+            assert lock.held and json.loads((tmp_path / ".lock").read_text())["pid"] == os.getpid()
+    assert not (tmp_path / ".lock").exists()
+
+
+def test_a_changed_pretext_encoder_warns_but_resumes(tmp_path):
+    encoder = tmp_path / "encoder.pt"
+    small = dict(preset="synth-student", steps=1, batch_size=2, length=4)
+    pretrain_encoder(PretrainConfig(**small), encoder, progress=False)
+    cfg = tiny(encoder_init=str(encoder))
+    run = tmp_path / "run"
+    with pytest.raises(Stop):
+        build_trainer(cfg, run, progress=False, callbacks=[stop_after(3)]).fit()
+    assert set(load_checkpoint(run / "ckpt-0000002.pt")["inputs"]) == {"encoder_init"}
+    pretrain_encoder(PretrainConfig(**small, seed=1), encoder, progress=False)  # other weights
+    with pytest.warns(UserWarning, match="encoder_init .* is not the file this run was trained with"):
+        resumed = build_trainer(cfg, run, progress=False).fit(resume=True)
+    assert resumed["step"] == cfg.steps
 
 
 def test_an_impossible_first_run_leaves_nothing_that_blocks_the_corrected_one(tmp_path, capsys):
