@@ -100,7 +100,7 @@ def test_widget_check_catches_a_failing_callback(monkeypatch):
               "    if k == 3:\n"
               "        raise ValueError('k = 3 breaks the plot')\n"
               "    print(k)\n\n"
-              "widgets.interact(show, k=widgets.IntSlider(min=0, max=3, value=0));\n")
+              "widgets.interact(show, k=widgets.IntSlider(continuous_update=False, min=0, max=3, value=0));\n")
     nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(source),
                                          nbformat.v4.new_code_cell(WIDGET_CHECK.replace("EXPECTED", "1"))])
     client = nbclient.NotebookClient(nb, timeout=60, kernel_name="python3")
