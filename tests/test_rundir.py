@@ -24,6 +24,7 @@ from kdnb.config import TrainConfig
 from kdnb.pretrain import PretrainConfig, pretrain_encoder
 from kdnb.rundir import RunLock, RunLockedError
 from test_bad_inputs import digest
+from test_train import Stop, stop_at as stop_after
 
 
 def tiny(**changes) -> TrainConfig:
@@ -31,17 +32,6 @@ def tiny(**changes) -> TrainConfig:
                 steps=4, batch_size=2, eval_every=0, ckpt_every=2, log_every=1,
                 eval_batch_size=8, seed=0)
     return TrainConfig(**{**base, **changes})
-
-
-class Stop(Exception):
-    pass
-
-
-def stop_after(step):
-    def callback(record):
-        if record["kind"] == "train" and record["step"] == step:
-            raise Stop
-    return callback
 
 
 @pytest.fixture(scope="module")
