@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import statistics
 import time
@@ -105,6 +106,33 @@ def paired_table(rows: list[dict], pairs: list[tuple[str, str]]) -> str:
         lines.append(f"| {a} | {b} | {len(diffs)} | {mean:+.2f} | {std:.2f} | "
                      f"{mean / std if std > 0 else float('nan'):+.1f} |")
     return "\n".join(lines) if len(lines) > 2 else ""
+
+
+def per_seed_table(rows: list[dict]) -> str:
+    """Every run's mIoU, a row per method and a column per seed: the record from which any
+    paired table can be recomputed (run directories are not kept forever)."""
+    seeds = sorted({r["seed"] for r in rows})
+    names = list(dict.fromkeys(r["methods"] for r in rows))
+    miou = {(r["methods"], r["seed"]): r["miou"] for r in rows}
+    lines = ["| method | " + " | ".join(f"s{s}" for s in seeds) + " |",
+             "|---|" + "---:|" * len(seeds)]
+    for name in names:
+        cells = [f"{miou[name, s]:.2f}" if (name, s) in miou else "-" for s in seeds]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def weights_digest(state: dict) -> str:
+    """SHA-256 of a state dict's tensors (names, dtypes, shapes and bytes, in order): equal
+    for bit-identical weights however the file was written, so tables of two sessions can
+    be told to come from the same teacher."""
+    digest = hashlib.sha256()
+    for name, tensor in state.items():
+        tensor = tensor.detach().cpu()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        flat = tensor.contiguous().reshape(-1)  # (a 0-dim count, as BatchNorm's, too)
+        digest.update(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
+    return digest.hexdigest()
 
 
 def parse_sweep(text: str, methods: dict) -> tuple[str, list[float]]:
@@ -215,6 +243,7 @@ def main() -> None:
         root = root / args.tag
     test_set = build_dataset("synth", split="test", **teacher_cfg.data_kwargs)
     teacher_model = model_from_checkpoint(teacher)
+    teacher_digest = weights_digest(teacher_model.state_dict())
     teacher_test = 100 * evaluate(teacher_model, test_set, num_classes=test_set.num_classes,
                                   batch_size=32)["miou"]
     val_set = build_dataset("synth", split="val", **teacher_cfg.data_kwargs)
@@ -236,7 +265,8 @@ def main() -> None:
             runs.append(one(name if spec == methods[name] else f"{name}-w{w:g}", spec, 0))
         lines = [f"{Path(r).name}: val mIoU {read_run(r, 'val')['miou']:.2f}, "
                  f"test {read_run(r, 'test')['miou']:.2f}" for r in runs]
-        lines.append(f"teacher: val mIoU {teacher_val:.2f}, test {teacher_test:.2f} ({Path(teacher).name})")
+        lines.append(f"teacher: val mIoU {teacher_val:.2f}, test {teacher_test:.2f} ({Path(teacher).name}, "
+                     f"weights SHA-256 {teacher_digest[:16]})")
         report = "\n".join(lines)
         title = f"Weight sweep for {name} on val (seed 0)"
     else:
@@ -249,8 +279,9 @@ def main() -> None:
             table = format_table(compare(rows, teacher_miou), teacher_miou)
             paired = paired_table(rows, pairs)
             heading = "val (model selection)" if split == "val" else "test (reported)"
-            parts.append(f"{heading}:\n\n{table}" + (f"\n\n{paired}" if paired else ""))
-        report = "\n\n".join(parts)
+            parts.append(f"{heading}:\n\n{table}" + (f"\n\n{paired}" if paired else "")
+                         + f"\n\nPer seed ({split}):\n\n{per_seed_table(rows)}")
+        report = "\n\n".join(parts) + f"\n\nTeacher weights: SHA-256 {teacher_digest[:16]}"
         title = f"SynthScenes distillation, {args.seeds} paired seeds"
     if args.regime == "pretrained":
         title += ", pretrained regime (encoders from the pretext task)"

@@ -37,7 +37,8 @@ def test_synth_distill_quick_runs_every_method_and_resumes(tmp_path):
            "--seeds", "1", "--threads", "1", "--root", str(tmp_path / "runs")]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    for table in ("val (model selection)", "test (reported)"):
+    for table in ("val (model selection)", "test (reported)", "Per seed (test)",
+                  "Teacher weights: SHA-256 "):
         assert table in proc.stdout
     from kdnb.experiments import COMPARISON
 
@@ -188,3 +189,30 @@ def test_synth_distill_pretrained_regime_starts_every_run_from_pretext_encoders(
     for term in ("nfd@stage1", "nfd@stage4", "fakd"):  # every layer and the bound trained
         assert term in (runs / ("kd+fakd-mkd-s0" if term == "fakd" else "nfd-multi-s0")
                         / "metrics.jsonl").read_text(), term
+
+
+def test_synth_distill_records_every_seed_and_the_teachers_weights(monkeypatch):
+    """The per-seed table holds every run's mIoU (a paired table can be recomputed from it);
+    the weights digest tells bit-identical teachers from others, however they were saved."""
+    import importlib.util
+
+    import torch
+
+    script = ROOT / "benchmarks" / "synth_distill.py"
+    monkeypatch.syspath_prepend(str(script.parent))
+    spec = importlib.util.spec_from_file_location("synth_distill", script)
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "synth_distill", bench)
+    spec.loader.exec_module(bench)
+    rows = [{"methods": "baseline", "seed": 0, "miou": 29.144}, {"methods": "kd", "seed": 0,
+             "miou": 31.3}, {"methods": "baseline", "seed": 3, "miou": 28.6}]
+    table = bench.per_seed_table(rows).splitlines()
+    assert table[0] == "| method | s0 | s3 |"
+    assert table[2:] == ["| baseline | 29.14 | 28.60 |", "| kd | 31.30 | - |"]
+    state = {"w": torch.arange(6.0).reshape(2, 3), "b": torch.zeros(0), "n": torch.tensor(7)}
+    same = {"w": torch.arange(6.0).reshape(2, 3).t().contiguous().t(), "b": torch.zeros(0),
+            "n": torch.tensor(7)}
+    assert bench.weights_digest(state) == bench.weights_digest(same)
+    for other in ({**state, "w": state["w"].reshape(3, 2)}, {**state, "w": state["w"].double()},
+                  {**state, "w": state["w"] + 1e-7}, {**state, "n": torch.tensor(8)}):
+        assert bench.weights_digest(other) != bench.weights_digest(state)
