@@ -20,8 +20,11 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)  ## teacher + student on SynthScenes, prints mIoU, writes runs/demo/predictions.png
 	$(BIN)/kdnb demo --out runs/demo
 
+# Two test processes (pytest-xdist), one torch thread each (tests/conftest.py): every
+# test runs single-threaded, so two of them fill two cores without oversubscribing.
+TEST_WORKERS ?= 2
 test: $(STAMP) check-notebooks  ## every test, notebooks included
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --durations=15
 
 # Colab ships ipywidgets 7.7.1; .venv has the newest 8.x. This runs the notebooks, widget
 # check included (tests/test_notebooks.py), and JupyterLab with its widget front end
