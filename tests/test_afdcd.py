@@ -33,10 +33,10 @@ class AuthorsEnhancedProjector(nn.Module):
 
     def __init__(self, in_channels=2048, out_channels=2048):
         super().__init__()
-        self.block_1 = nn.Sequential(nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1),
-                                     nn.ReLU(inplace=True))
-        self.block_2 = nn.Sequential(nn.Conv2d(out_channels, out_channels, kernel_size=3, padding=1),
-                                     nn.ReLU(inplace=True))
+        self.block_1 = nn.Sequential(
+            nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1), nn.ReLU(inplace=True))
+        self.block_2 = nn.Sequential(
+            nn.Conv2d(out_channels, out_channels, kernel_size=3, padding=1), nn.ReLU(inplace=True))
         self.adpator_1 = nn.Conv2d(out_channels, out_channels, kernel_size=3, padding=1)
         self.adpator_2 = nn.Conv2d(out_channels, out_channels, kernel_size=3, padding=1)
 

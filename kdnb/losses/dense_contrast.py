@@ -120,14 +120,16 @@ def omni_contrast_loss(student_feats: torch.Tensor, teacher_feats: torch.Tensor,
         pool: max-pooling window before contrasting.
 
     Returns:
-        A scalar tensor, >= 0.
+        A scalar tensor, >= 0, and at most ``groups * log(1 + patch_size^2 (groups - 1))``
+        when the student equals the teacher.
 
     Shape:
-        ``student_feats, teacher_feats: (B, C, h, w)``.
+        ``student_feats, teacher_feats: (B, C, h, w)``; pooled ``(B, C, h', w')``, tokens
+        ``(B h' w' / patch_size^2, patch_size^2 * groups, C / groups)``.
 
     Reference:
-        Fan et al., "Augmentation-free Dense Contrastive Knowledge Distillation for
-        Efficient Semantic Segmentation", NeurIPS 2023, arXiv 2312.04168.
+        Fan et al. 2023, Af-DCD (NeurIPS 2023, arXiv 2312.04168), section on
+        omni-contrasting; see :func:`afdcd_loss`.
     """
     _check_features(student_feats, teacher_feats, same_channels=True)
     if not temperature > 0:
@@ -149,7 +151,8 @@ def omni_contrast_loss(student_feats: torch.Tensor, teacher_feats: torch.Tensor,
                          "patch: lower pool or patch_size")
     s, t = s[..., :h, :w], t[..., :h, :w]
     with _full_precision(s.device):
-        s_tokens, t_tokens = _patch_tokens(s, groups, patch_size), _patch_tokens(t, groups, patch_size)
+        s_tokens = _patch_tokens(s, groups, patch_size)
+        t_tokens = _patch_tokens(t, groups, patch_size)
         tokens = s_tokens.shape[1]
         group = torch.arange(tokens, device=s.device) % groups
         compared = (group[:, None] != group[None, :]) | torch.eye(tokens, dtype=torch.bool,
@@ -269,13 +272,12 @@ class AfDCDLoss(nn.Module):
         batchnorm: give the adapter a BatchNorm.
 
     Shape:
-        ``forward(student, teacher, masks)``: ``student["feats"] (B, C_s, h, w)``,
-        ``teacher["feats"] (B, C_t, h', w')`` resized to ``h, w``; masks are not used.
-        Returns a scalar.
+        ``forward(student, teacher, masks)``: ``student["feats"] (B, C_s, h, w)`` adapted,
+        masked and rebuilt as ``(B, C_t, h, w)``; ``teacher["feats"] (B, C_t, h', w')``,
+        detached and resized to ``h, w``; masks are not read. Returns a scalar.
 
     Reference:
-        Fan et al., "Augmentation-free Dense Contrastive Knowledge Distillation for
-        Efficient Semantic Segmentation", NeurIPS 2023, arXiv 2312.04168.
+        Fan, Li, Liu, Song, Yao, NeurIPS 2023, arXiv 2312.04168; code OSVAI/Af-DCD.
     """
 
     def __init__(self, *, student_channels: int, teacher_channels: int,
@@ -301,9 +303,11 @@ class AfDCDLoss(nn.Module):
                              f"{', '.join(MIMIC_REDUCTIONS)}")
         if patch_size < 1 or pool < 0:
             raise ValueError(f"patch_size={patch_size} must be >= 1 and pool={pool} >= 0")
-        self.temperature, self.groups, self.patch_size, self.pool = temperature, groups, patch_size, pool
+        self.temperature, self.groups = temperature, groups
+        self.patch_size, self.pool = patch_size, pool
         self.mask, self.mask_ratio = mask, mask_ratio
-        self.mimic_weight, self.contrast_weight, self.reduction = mimic_weight, contrast_weight, reduction
+        self.mimic_weight, self.contrast_weight = mimic_weight, contrast_weight
+        self.reduction = reduction
         self.adapter = make_adapter(student_channels, teacher_channels, adapter=adapter,
                                     batchnorm=batchnorm)
         self.generator = _generator(generator, teacher_channels)
