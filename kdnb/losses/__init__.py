@@ -3,6 +3,9 @@
 * :mod:`~kdnb.losses.response`: pixel-wise KD, CWD, DIST (on logits);
 * :mod:`~kdnb.losses.feature`: feature MSE (FitNets-style), AT, NFD (on head features);
 * :mod:`~kdnb.losses.relation`: SKD pairwise, IFVD (on head features);
+* :mod:`~kdnb.losses.dense_contrast`: Af-DCD, masked feature mimicking plus a dense
+  contrast over channel groups and positions (on head features, with a trainable
+  generator);
 * :mod:`~kdnb.losses.augment`: FAKD, the semantic-direction augmentation add-on;
 * :mod:`~kdnb.losses.spec`: the method-spec language (a ``methods`` dict -> modules).
 
@@ -33,9 +36,11 @@ The calling contract of every module::
 * The result is a scalar, computed in float32 even under autocast, with no host-device
   synchronization, so a trainer can call every loss the same way on any device.
 
-Modules whose loss compares features channel by channel (MSE, NFD, CWD on features) own a
+Modules whose loss compares features channel by channel (MSE, NFD, CWD on features,
+Af-DCD) own a
 :class:`~kdnb.features.ChannelAdapter` when ``student_channels != teacher_channels``; it
-is part of their parameters, so give them to the optimizer with the student's.
+is part of their parameters (as is Af-DCD's generator), so give them to the optimizer with
+the student's.
 
 :func:`build_losses` builds the modules from a plain dict; ``module.loss_weight`` holds
 the weight::
@@ -49,6 +54,8 @@ from __future__ import annotations
 from kdnb.losses.feature import (NORMS, ATLoss, FeatureMSELoss, NFDLoss, at_loss,
                                  feature_mse_loss, nfd_loss, normalize_features)
 from kdnb.losses.relation import IFVDLoss, SKDLoss, ifvd_loss, skd_pairwise_loss
+from kdnb.losses.dense_contrast import (AfDCDLoss, afdcd_loss, feature_keep_mask,
+                                        omni_contrast_loss)
 from kdnb.losses.response import (CWDLoss, DISTLoss, PixelKDLoss, cwd_loss, dist_loss,
                                   pixel_kd_loss)
 # augment last, so it may build on the families above
@@ -62,6 +69,7 @@ __all__ = [
     "feature_mse_loss", "at_loss", "normalize_features", "nfd_loss", "NORMS",
     "FeatureMSELoss", "ATLoss", "NFDLoss",
     "skd_pairwise_loss", "ifvd_loss", "SKDLoss", "IFVDLoss",
+    "feature_keep_mask", "omni_contrast_loss", "afdcd_loss", "AfDCDLoss",
     "ClassCovariance", "fakd_logit_bound", "fakd_feature_bound", "fakd_nfd_bound", "FAKDLoss",
     "semantic_shift", "SCHEDULES",
     "MethodInfo", "METHODS", "build_losses", "method_label", "parse_methods",

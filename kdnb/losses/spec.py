@@ -31,6 +31,7 @@ from torch import nn
 
 from kdnb.features import parse_layer
 from kdnb.losses.augment import FAKDLoss
+from kdnb.losses.dense_contrast import AfDCDLoss
 from kdnb.losses.feature import ATLoss, FeatureMSELoss, NFDLoss
 from kdnb.losses.relation import IFVDLoss, SKDLoss
 from kdnb.losses.response import CWDLoss, DISTLoss, PixelKDLoss
@@ -50,8 +51,10 @@ class MethodInfo(NamedTuple):
 
 
 #: method name -> (module class, default weight, kind). Default weights from CIRKD's
-#: scripts (docs/METHODS.md, "Conventions of the public implementations"); the others are
-#: 1 until the workbook tunes them.
+#: scripts (docs/METHODS.md, "Conventions of the public implementations"); afdcd's 1
+#: leaves its two terms at the weights of the Af-DCD authors' Cityscapes scripts, which
+#: AfDCDLoss holds (mimic_weight, contrast_weight); the others are 1 until the workbook
+#: tunes them.
 METHODS: dict[str, MethodInfo] = {
     "kd": MethodInfo(PixelKDLoss, 1.0, "response"),
     "cwd": MethodInfo(CWDLoss, 3.0, "response"),  # on logits; CIRKD uses 50 with on="feats"
@@ -61,6 +64,7 @@ METHODS: dict[str, MethodInfo] = {
     "nfd": MethodInfo(NFDLoss, 1.0, "feature"),
     "skd": MethodInfo(SKDLoss, 10.0, "relation"),
     "ifvd": MethodInfo(IFVDLoss, 20.0, "relation"),
+    "afdcd": MethodInfo(AfDCDLoss, 1.0, "feature"),
     "fakd": MethodInfo(FAKDLoss, 1.0, "augment"),
 }
 
@@ -70,7 +74,7 @@ FAKD_BASES = {"kd": "logits", "nfd": "nfd", "mse": "feats"}
 #: Loss options that divide by themselves (a temperature) and must stay > 0.
 POSITIVE_OPTIONS = ("temperature", "tau")
 #: Loss options that scale a term and must stay >= 0.
-NON_NEGATIVE_OPTIONS = ("lambda_0", "beta", "gamma")
+NON_NEGATIVE_OPTIONS = ("lambda_0", "beta", "gamma", "mimic_weight", "contrast_weight")
 
 # Filled by build_losses from its own arguments, never from the spec.
 _CONTEXT = ("student_channels", "teacher_channels", "num_classes")
@@ -294,7 +298,7 @@ def split_layers(spec: dict) -> tuple[dict, dict[str, int | None]]:
         if stage is not None and not reads_features(name, options):
             raise ValueError(f"{name} reads the logits, so its layer can only be 'head', got "
                              f"{layer!r}; a layer applies to feature losses (mse, at, nfd, "
-                             "skd, ifvd, cwd with on=feats)")
+                             "skd, ifvd, afdcd, cwd with on=feats)")
         layers[name] = stage
     return spec, layers
 
