@@ -3,6 +3,8 @@
 * :mod:`~kdnb.losses.response`: pixel-wise KD, CWD, DIST (on logits);
 * :mod:`~kdnb.losses.feature`: feature MSE (FitNets-style), AT, NFD (on head features);
 * :mod:`~kdnb.losses.relation`: SKD pairwise, IFVD (on head features);
+* :mod:`~kdnb.losses.contrast`: CIRKD, cross-image relations in the batch and in
+  per-class memories (on head features; its memories are buffers);
 * :mod:`~kdnb.losses.augment`: FAKD, the semantic-direction augmentation add-on;
 * :mod:`~kdnb.losses.spec`: the method-spec language (a ``methods`` dict -> modules).
 
@@ -35,7 +37,9 @@ The calling contract of every module::
 
 Modules whose loss compares features channel by channel (MSE, NFD, CWD on features) own a
 :class:`~kdnb.features.ChannelAdapter` when ``student_channels != teacher_channels``; it
-is part of their parameters, so give them to the optimizer with the student's.
+is part of their parameters, so give them to the optimizer with the student's. CIRKD
+always owns one, its projection head (conv-BN-ReLU-conv, ``C_s -> C_t``), and keeps its
+memories as buffers, so a module's ``state_dict`` resumes it exactly.
 
 :func:`build_losses` builds the modules from a plain dict; ``module.loss_weight`` holds
 the weight::
@@ -49,6 +53,8 @@ from __future__ import annotations
 from kdnb.losses.feature import (NORMS, ATLoss, FeatureMSELoss, NFDLoss, at_loss,
                                  feature_mse_loss, nfd_loss, normalize_features)
 from kdnb.losses.relation import IFVDLoss, SKDLoss, ifvd_loss, skd_pairwise_loss
+from kdnb.losses.contrast import (CIRKDDraws, CIRKDLoss, CIRKDTerms, cirkd_loss,
+                                  cross_image_pair_loss, memory_contrast_loss)
 from kdnb.losses.response import (CWDLoss, DISTLoss, PixelKDLoss, cwd_loss, dist_loss,
                                   pixel_kd_loss)
 # augment last, so it may build on the families above
@@ -62,6 +68,8 @@ __all__ = [
     "feature_mse_loss", "at_loss", "normalize_features", "nfd_loss", "NORMS",
     "FeatureMSELoss", "ATLoss", "NFDLoss",
     "skd_pairwise_loss", "ifvd_loss", "SKDLoss", "IFVDLoss",
+    "cross_image_pair_loss", "memory_contrast_loss", "cirkd_loss", "CIRKDTerms", "CIRKDDraws",
+    "CIRKDLoss",
     "ClassCovariance", "fakd_logit_bound", "fakd_feature_bound", "fakd_nfd_bound", "FAKDLoss",
     "semantic_shift", "SCHEDULES",
     "MethodInfo", "METHODS", "build_losses", "method_label", "parse_methods",

@@ -31,6 +31,7 @@ from torch import nn
 
 from kdnb.features import parse_layer
 from kdnb.losses.augment import FAKDLoss
+from kdnb.losses.contrast import CIRKDLoss
 from kdnb.losses.feature import ATLoss, FeatureMSELoss, NFDLoss
 from kdnb.losses.relation import IFVDLoss, SKDLoss
 from kdnb.losses.response import CWDLoss, DISTLoss, PixelKDLoss
@@ -61,6 +62,8 @@ METHODS: dict[str, MethodInfo] = {
     "nfd": MethodInfo(NFDLoss, 1.0, "feature"),
     "skd": MethodInfo(SKDLoss, 10.0, "relation"),
     "ifvd": MethodInfo(IFVDLoss, 20.0, "relation"),
+    # its three terms carry CIRKD's own weights (1, 0.1, 0.1) inside; the total is 1
+    "cirkd": MethodInfo(CIRKDLoss, 1.0, "relation"),
     "fakd": MethodInfo(FAKDLoss, 1.0, "augment"),
 }
 
