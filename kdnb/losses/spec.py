@@ -297,7 +297,7 @@ def split_layers(spec: dict) -> tuple[dict, dict[str, int | None]]:
         if stage is not None and not reads_features(name, options):
             raise ValueError(f"{name} reads the logits, so its layer can only be 'head', got "
                              f"{layer!r}; a layer applies to feature losses (mse, at, nfd, "
-                             "skd, ifvd, cwd with on=feats)")
+                             "skd, ifvd, cirkd, cwd with on=feats)")
         layers[name] = stage
     return spec, layers
 
