@@ -39,7 +39,7 @@ from torch import nn
 
 from kdnb.features import match_size, resize_labels
 from kdnb.losses.feature import _check_features, _upcast
-from kdnb.losses.relation import _full_precision
+from kdnb.losses.relation import _full_precision, _pooled_pair
 
 __all__ = ["cross_image_pair_loss", "memory_contrast_loss", "cirkd_loss", "CIRKDTerms",
            "CIRKDDraws", "CIRKDLoss"]
@@ -85,16 +85,9 @@ def cross_image_pair_loss(student_feats: torch.Tensor, teacher_feats: torch.Tens
         Yang et al., "Cross-Image Relational Knowledge Distillation for Semantic
         Segmentation", CVPR 2022, arXiv 2204.06986, Eq. 4 (``losses/cirkd_mini_batch.py``).
     """
-    _check_features(student_feats, teacher_feats, same_channels=False)
-    if not isinstance(pool, int) or pool < 1:
-        raise ValueError(f"pool must be a positive int, got {pool!r}")
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    s = _upcast(student_feats)
-    t = _upcast(teacher_feats.detach())
-    if pool > 1:
-        s = F.avg_pool2d(s, pool, pool, ceil_mode=True)
-        t = F.avg_pool2d(t, pool, pool, ceil_mode=True)
+    s, t = _pooled_pair(student_feats, teacher_feats, pool, F.avg_pool2d)
     s = F.normalize(s.flatten(2), dim=1)  # (B, C_s, N), unit vector per position
     t = F.normalize(t.flatten(2), dim=1)
     b, _, n = s.shape
