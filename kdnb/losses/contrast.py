@@ -385,11 +385,12 @@ class CIRKDLoss(nn.Module):
                 f"temperature={self.temperature}, kd_temperature={self.kd_temperature}, "
                 f"weights=({self.minibatch_weight}, {self.pixel_weight}, {self.region_weight})")
 
-    def get_extra_state(self) -> dict:
-        return {"draws": self.draws}
+    def get_extra_state(self) -> torch.Tensor:
+        # a tensor, so every value of a state_dict is one (torch.equal, weights_only loads)
+        return torch.tensor(self.draws, dtype=torch.long)
 
-    def set_extra_state(self, state: dict) -> None:
-        self.draws = int(state["draws"])
+    def set_extra_state(self, state: torch.Tensor) -> None:
+        self.draws = int(state)
 
     def sample(self, batch: int, positions: int, device: torch.device) -> CIRKDDraws:
         """This call's random choices, from the module's generator (see the class docstring).
