@@ -335,8 +335,9 @@ def batch(seed: int, dtype=torch.float32):
 
 
 def test_state_dict_resumes_memories_and_draws_exactly():
-    make = lambda: CIRKDLoss(num_classes=K, student_channels=C_S, teacher_channels=C_T,  # noqa: E731
-                             **SIZES)
+    def make():
+        return CIRKDLoss(num_classes=K, student_channels=C_S, teacher_channels=C_T, **SIZES)
+
     straight = make()
     for step in range(2):
         straight(*batch(step))

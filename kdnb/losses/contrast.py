@@ -37,9 +37,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from kdnb.features import match_size, resize_labels
+from kdnb.features import resize_labels
 from kdnb.losses.feature import _check_features, _upcast
-from kdnb.losses.relation import _full_precision, _pooled_pair
+from kdnb.losses.relation import _full_precision, _pooled_pair, labelled_feats
 
 __all__ = ["cross_image_pair_loss", "memory_contrast_loss", "cirkd_loss", "CIRKDTerms",
            "CIRKDDraws", "CIRKDLoss"]
@@ -436,7 +436,7 @@ class CIRKDLoss(nn.Module):
             chosen = scores.topk(m, dim=2, largest=False).indices  # (B, K, m), in score order
             pixels = t.gather(1, chosen.reshape(b, -1, 1).expand(-1, -1, c)).reshape(b, k_all, m, c)
             pixels = F.normalize(pixels, dim=3)
-        rank, world = _world()
+        _, world = _world()
         counts, means, pixels = (_gather(x, world) for x in (counts, means, pixels))
         self._write(counts, means, pixels)
 
@@ -472,10 +472,7 @@ class CIRKDLoss(nn.Module):
 
     def forward(self, student: dict, teacher: dict, masks: torch.Tensor | None = None
                 ) -> torch.Tensor:
-        if masks is None:
-            raise ValueError("CIRKDLoss needs the label masks (B, H, W): pass masks=")
-        s = student["feats"]
-        t = match_size(teacher["feats"].detach(), s.shape[-2:])
+        s, t = labelled_feats(student, teacher, masks, "CIRKDLoss")
         b, _, h, w = s.shape
         labels = _valid_labels(masks.to(s.device), (h, w), self.num_classes,
                                self.ignore_index, b)

@@ -28,6 +28,16 @@ def _full_precision(device: torch.device):
     return contextlib.nullcontext()  # e.g. "meta"
 
 
+def labelled_feats(student: dict, teacher: dict, masks: torch.Tensor | None, who: str
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The student's head feature and the teacher's, detached and resized to the student's
+    size, for a loss that also needs the masks (refused with ``who``'s name when None)."""
+    if masks is None:
+        raise ValueError(f"{who} needs the label masks (B, H, W): pass masks=")
+    s = student["feats"]
+    return s, match_size(teacher["feats"].detach(), s.shape[-2:])
+
+
 def _pooled_pair(student_feats: torch.Tensor, teacher_feats: torch.Tensor, pool: int,
                  pool_fn) -> tuple[torch.Tensor, torch.Tensor]:
     """Checks a student/teacher pair of maps, upcasts both, detaches the teacher, and pools
@@ -220,10 +230,7 @@ class IFVDLoss(nn.Module):
 
     def forward(self, student: dict, teacher: dict, masks: torch.Tensor | None = None
                 ) -> torch.Tensor:
-        if masks is None:
-            raise ValueError("IFVDLoss needs the label masks (B, H, W): pass masks=")
-        s = student["feats"]
-        t = match_size(teacher["feats"].detach(), s.shape[-2:])
+        s, t = labelled_feats(student, teacher, masks, "IFVDLoss")
         return ifvd_loss(s, t, masks, num_classes=self.num_classes,
                          ignore_index=self.ignore_index)
 
