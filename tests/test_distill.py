@@ -99,6 +99,7 @@ def test_parse_methods():
 @pytest.mark.parametrize("methods", [
     {"kd": 1.0}, {"nfd": 1.0}, {"mse": 1.0}, {"cwd": 3.0}, {"at": 1.0}, {"dist": 1.0},
     {"skd": 10.0}, {"ifvd": 20.0}, {"kd": 1.0, "fakd": {}}, {"nfd": 1.0, "fakd": {"lambda_0": 1.0}},
+    {"kd": 1.0, "cirkd": {"pixel_memory_size": 64, "region_memory_size": 8}},
 ])
 def test_every_method_trains_and_the_teacher_stays_frozen(tmp_path, teacher_ckpt, methods):
     trainer = build_trainer(tiny(teacher=teacher_ckpt, methods=methods, steps=2, ckpt_every=0),
@@ -116,8 +117,13 @@ def test_every_method_trains_and_the_teacher_stays_frozen(tmp_path, teacher_ckpt
     assert not trainer.teacher.training
 
 
-def test_resume_is_exact_with_adapters_and_fakd_statistics(tmp_path, teacher_ckpt):
-    cfg = tiny(teacher=teacher_ckpt, methods={"nfd": 1.0, "fakd": {"lambda_0": 2.0}}, steps=4)
+@pytest.mark.parametrize("methods, kept", [
+    ({"nfd": 1.0, "fakd": {"lambda_0": 2.0}}, ("adapter", "feat_sum")),  # FAKD's statistics
+    ({"cirkd": {"pixel_memory_size": 64, "region_memory_size": 8}},      # CIRKD's memories
+     ("projector", "pixel_queue")),
+])
+def test_resume_is_exact_with_adapters_and_loss_state(tmp_path, teacher_ckpt, methods, kept):
+    cfg = tiny(teacher=teacher_ckpt, methods=methods, steps=4)
     straight = build_trainer(cfg, tmp_path / "a", progress=False)
     straight.fit()
 
@@ -138,8 +144,8 @@ def test_resume_is_exact_with_adapters_and_fakd_statistics(tmp_path, teacher_ckp
         assert sa.keys() == sb.keys()
         for key in sa:
             assert torch.equal(sa[key], sb[key]), key
-    assert any("adapter" in k for k in straight.losses.state_dict())
-    assert any("cov" in k or "count" in k for k in straight.losses.state_dict())
+    for name in kept:
+        assert any(name in k for k in straight.losses.state_dict()), name
 
 
 def test_teacher_with_other_class_count_is_refused(tmp_path):

@@ -6,6 +6,8 @@
 * :mod:`~kdnb.losses.dense_contrast`: Af-DCD, masked feature mimicking plus a dense
   contrast over channel groups and positions (on head features, with a trainable
   generator);
+* :mod:`~kdnb.losses.contrast`: CIRKD, cross-image relations in the batch and in
+  per-class memories (on head features; its memories are buffers);
 * :mod:`~kdnb.losses.augment`: FAKD, the semantic-direction augmentation add-on;
 * :mod:`~kdnb.losses.spec`: the method-spec language (a ``methods`` dict -> modules).
 
@@ -40,7 +42,9 @@ Modules whose loss compares features channel by channel (MSE, NFD, CWD on featur
 Af-DCD) own a
 :class:`~kdnb.features.ChannelAdapter` when ``student_channels != teacher_channels``; it
 is part of their parameters (as is Af-DCD's generator), so give them to the optimizer with
-the student's.
+the student's. CIRKD always owns one, its projection head (conv-BN-ReLU-conv,
+``C_s -> C_t``), and keeps its memories as buffers, so a module's ``state_dict`` resumes it
+exactly.
 
 :func:`build_losses` builds the modules from a plain dict; ``module.loss_weight`` holds
 the weight::
@@ -56,6 +60,8 @@ from kdnb.losses.feature import (NORMS, ATLoss, FeatureMSELoss, NFDLoss, at_loss
 from kdnb.losses.relation import IFVDLoss, SKDLoss, ifvd_loss, skd_pairwise_loss
 from kdnb.losses.dense_contrast import (AfDCDLoss, afdcd_loss, feature_keep_mask,
                                         omni_contrast_loss)
+from kdnb.losses.contrast import (CIRKDDraws, CIRKDLoss, CIRKDTerms, cirkd_loss,
+                                  cross_image_pair_loss, memory_contrast_loss)
 from kdnb.losses.response import (CWDLoss, DISTLoss, PixelKDLoss, cwd_loss, dist_loss,
                                   pixel_kd_loss)
 # augment last, so it may build on the families above
@@ -70,6 +76,8 @@ __all__ = [
     "FeatureMSELoss", "ATLoss", "NFDLoss",
     "skd_pairwise_loss", "ifvd_loss", "SKDLoss", "IFVDLoss",
     "feature_keep_mask", "omni_contrast_loss", "afdcd_loss", "AfDCDLoss",
+    "cross_image_pair_loss", "memory_contrast_loss", "cirkd_loss", "CIRKDTerms", "CIRKDDraws",
+    "CIRKDLoss",
     "ClassCovariance", "fakd_logit_bound", "fakd_feature_bound", "fakd_nfd_bound", "FAKDLoss",
     "semantic_shift", "SCHEDULES",
     "MethodInfo", "METHODS", "build_losses", "method_label", "parse_methods",

@@ -28,6 +28,31 @@ def _full_precision(device: torch.device):
     return contextlib.nullcontext()  # e.g. "meta"
 
 
+def labelled_feats(student: dict, teacher: dict, masks: torch.Tensor | None, who: str
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The student's head feature and the teacher's, detached and resized to the student's
+    size, for a loss that also needs the masks (refused with ``who``'s name when None)."""
+    if masks is None:
+        raise ValueError(f"{who} needs the label masks (B, H, W): pass masks=")
+    s = student["feats"]
+    return s, match_size(teacher["feats"].detach(), s.shape[-2:])
+
+
+def _pooled_pair(student_feats: torch.Tensor, teacher_feats: torch.Tensor, pool: int,
+                 pool_fn) -> tuple[torch.Tensor, torch.Tensor]:
+    """Checks a student/teacher pair of maps, upcasts both, detaches the teacher, and pools
+    both with ``pool_fn`` (window and stride ``pool``, ceil mode) when ``pool > 1``."""
+    _check_features(student_feats, teacher_feats, same_channels=False)
+    if not isinstance(pool, int) or pool < 1:
+        raise ValueError(f"pool must be a positive int, got {pool!r}")
+    s = _upcast(student_feats)
+    t = _upcast(teacher_feats.detach())
+    if pool > 1:
+        s = pool_fn(s, pool, pool, ceil_mode=True)
+        t = pool_fn(t, pool, pool, ceil_mode=True)
+    return s, t
+
+
 def _pairwise_similarity(f: torch.Tensor) -> torch.Tensor:
     # (B, C, h, w) -> (B, N, N) cosine similarity of every pair of positions, N = h*w
     f = F.normalize(f.flatten(2), dim=1)  # unit vector per position
@@ -73,14 +98,7 @@ def skd_pairwise_loss(student_feats: torch.Tensor, teacher_feats: torch.Tensor, 
 
     Introduced in notebooks/04_distillation_runs.ipynb.
     """
-    _check_features(student_feats, teacher_feats, same_channels=False)
-    if not isinstance(pool, int) or pool < 1:
-        raise ValueError(f"pool must be a positive int, got {pool!r}")
-    s = _upcast(student_feats)
-    t = _upcast(teacher_feats.detach())
-    if pool > 1:
-        s = F.max_pool2d(s, pool, pool, ceil_mode=True)
-        t = F.max_pool2d(t, pool, pool, ceil_mode=True)
+    s, t = _pooled_pair(student_feats, teacher_feats, pool, F.max_pool2d)
     return (_pairwise_similarity(s) - _pairwise_similarity(t)).pow(2).mean()
 
 
@@ -212,10 +230,7 @@ class IFVDLoss(nn.Module):
 
     def forward(self, student: dict, teacher: dict, masks: torch.Tensor | None = None
                 ) -> torch.Tensor:
-        if masks is None:
-            raise ValueError("IFVDLoss needs the label masks (B, H, W): pass masks=")
-        s = student["feats"]
-        t = match_size(teacher["feats"].detach(), s.shape[-2:])
+        s, t = labelled_feats(student, teacher, masks, "IFVDLoss")
         return ifvd_loss(s, t, masks, num_classes=self.num_classes,
                          ignore_index=self.ignore_index)
 

@@ -32,6 +32,7 @@ from torch import nn
 from kdnb.features import parse_layer
 from kdnb.losses.augment import FAKDLoss
 from kdnb.losses.dense_contrast import AfDCDLoss
+from kdnb.losses.contrast import CIRKDLoss
 from kdnb.losses.feature import ATLoss, FeatureMSELoss, NFDLoss
 from kdnb.losses.relation import IFVDLoss, SKDLoss
 from kdnb.losses.response import CWDLoss, DISTLoss, PixelKDLoss
@@ -65,6 +66,8 @@ METHODS: dict[str, MethodInfo] = {
     "skd": MethodInfo(SKDLoss, 10.0, "relation"),
     "ifvd": MethodInfo(IFVDLoss, 20.0, "relation"),
     "afdcd": MethodInfo(AfDCDLoss, 1.0, "feature"),
+    # its three terms carry CIRKD's own weights (1, 0.1, 0.1) inside; the total is 1
+    "cirkd": MethodInfo(CIRKDLoss, 1.0, "relation"),
     "fakd": MethodInfo(FAKDLoss, 1.0, "augment"),
 }
 
@@ -298,7 +301,7 @@ def split_layers(spec: dict) -> tuple[dict, dict[str, int | None]]:
         if stage is not None and not reads_features(name, options):
             raise ValueError(f"{name} reads the logits, so its layer can only be 'head', got "
                              f"{layer!r}; a layer applies to feature losses (mse, at, nfd, "
-                             "skd, ifvd, afdcd, cwd with on=feats)")
+                             "skd, ifvd, cirkd, afdcd, cwd with on=feats)")
         layers[name] = stage
     return spec, layers
 
