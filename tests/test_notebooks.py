@@ -26,8 +26,9 @@ def kernel_manager():
 
     Over TCP on loopback (jupyter_client's default), a kernel on a busy 2-core machine
     sometimes answers a cell and the client sees the answer only when the per-cell timeout
-    ends: measured on notebook 03 beside one busy core, 3 of 5 runs stalled 150 s on its
-    first ``widgets.interact`` cell (CI once failed there on notebook 04); over IPC, 0 of 5.
+    ends: measured on notebook 03 beside one busy core, 5 of 8 runs stalled for the whole 150 s
+    cell timeout, mostly on its first ``widgets.interact`` cell (CI once failed so on
+    notebook 04); over IPC, none of 5.
     """
     from jupyter_client.manager import KernelManager
 
