@@ -327,10 +327,10 @@ def remove_stale_files(run_dir: Path) -> list[Path]:
 
 
 #: Config fields a resumed run may change (everything else must match the saved run): a step
-#: that completes normally is the same either way, and neither evaluation's batch nor the
-#: number of checkpoints kept changes a weight (the thread count can: float sums in
-#: another order).
-RESUME_MAY_CHANGE = ("skip_nonfinite", "eval_batch_size", "keep_checkpoints")
+#: that completes normally is the same either way, and neither evaluation's batch, the
+#: number of checkpoints kept nor the FLOP count (kdnb.cost) changes a weight (the thread
+#: count can: float sums in another order).
+RESUME_MAY_CHANGE = ("skip_nonfinite", "eval_batch_size", "keep_checkpoints", "count_flops")
 
 
 def saved_config(path: Path) -> dict | None:

@@ -52,6 +52,9 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--skip-nonfinite", action="store_true",
                    help="skip steps whose loss or gradients are NaN/Inf instead of stopping "
                         "(costs one host sync per step); may be turned on when resuming")
+    p.add_argument("--no-flop-count", action="store_true",
+                   help="do not count FLOPs for cost.json (the count copies the student once "
+                        "at the start: turn it off where that is slow or does not fit)")
     p.add_argument("--run-dir", help="output folder (default runs/<model>-<data>-s<seed>)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint")
 
@@ -59,7 +62,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
 #: on/off flags: argparse name -> (config field, the value the flag sets)
 SWITCHES = {"sync_bn": ("sync_bn", True), "freeze_bn": ("freeze_bn", True),
             "no_flip": ("flip", False), "cache_teacher": ("cache_teacher", True),
-            "no_amp": ("amp", False), "skip_nonfinite": ("skip_nonfinite", True)}
+            "no_amp": ("amp", False), "skip_nonfinite": ("skip_nonfinite", True),
+            "no_flop_count": ("count_flops", False)}
 
 
 def config_from_args(args) -> TrainConfig:

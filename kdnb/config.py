@@ -50,6 +50,8 @@ class TrainConfig:
     log_every: int = 25               # steps between train-loss log lines (one host sync)
     ckpt_every: int = 250             # steps between checkpoints (0: only at the end)
     keep_checkpoints: int = 2         # older ones are deleted
+    count_flops: bool = True          # count the FLOPs of one step (on copies) for cost.json
+                                      # (kdnb.cost); off where that is slow or does not fit
     # Machine.
     seed: int = 0                     # model init, data order, augmentation
     device: str = "auto"              # auto | cpu | cuda | cuda:N
@@ -157,7 +159,7 @@ def settings_key(settings: dict) -> str:
 
 #: Fields that change how a run is watched or where it runs, not the weights it trains.
 NOT_IN_CACHE_KEY = ("eval_every", "log_every", "ckpt_every", "keep_checkpoints", "workers",
-                    "threads", "eval_batch_size", "device")
+                    "threads", "eval_batch_size", "device", "count_flops")
 
 
 def config_hash(cfg: TrainConfig) -> str:

@@ -90,7 +90,8 @@ def student_config(methods: dict, *, seed: int = 0, teacher: str | Path | None =
     (no flip; SynthScenes already varies scale, rotation and colour) from the same initial
     weights in the same data order for a given seed, so a method's gain is a per-seed
     difference. The pool being fixed, the teacher's outputs are computed once
-    (``cache_teacher``) and a distillation run costs what the baseline costs.
+    (``cache_teacher``) and a distillation step costs what a baseline step costs (the
+    cache itself once: ``teacher_cache_flops`` in the run's cost.json, :mod:`kdnb.cost`).
     """
     cfg = get_recipe("synth-student")
     if quick:

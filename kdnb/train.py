@@ -12,8 +12,9 @@ optimizer. The data order is a pure function of ``(seed, step)``
 a run resumed from a checkpoint at step k continues exactly as if it had never stopped.
 
 A run directory holds ``config.json``, ``metrics.jsonl`` (one JSON record per line),
-checkpoints ``ckpt-<step>.pt``, ``final.json`` and ``model.pt`` (:mod:`kdnb.checkpoint`
-writes them atomically, with manifests). A NaN or Inf loss stops the run before anything
+checkpoints ``ckpt-<step>.pt``, ``final.json``, ``cost.json`` (seconds and FLOPs per step,
+peak memory: :mod:`kdnb.cost`) and ``model.pt`` (:mod:`kdnb.checkpoint` writes them
+atomically, with manifests). A NaN or Inf loss stops the run before anything
 from that step is written (``skip_nonfinite`` skips such steps instead). One process at a
 time trains in a run directory (:class:`kdnb.rundir.RunLock`), and a checkpoint resumes
 only under the config stored in it and with the teacher and pretext encoder files it
@@ -42,6 +43,7 @@ from .checkpoint import (atomic_save, atomic_save_json, checkpoint_paths, config
                          holds_run, load_newest_good, remove_stale_files, save_checkpoint,
                          saved_config)
 from .config import TrainConfig
+from .cost import RunCost
 from .data.sampler import Indexed, StepSampler, collate
 from .distill import DistillLosses, distill_step, task_loss
 from .metrics import evaluate
@@ -117,6 +119,8 @@ class Trainer:
         self.last_checkpoint: Path | None = None
         self._first_bad = None  # (loss names, first bad step, its terms), on the device
         self.inputs: dict[str, str] = {}  # set by fit: digests of the files the run depends on
+        #: what the run costs (cost.json): the loop timed, the FLOPs counted before its first step
+        self.cost = RunCost(device, world=world, count_flops=cfg.count_flops)
 
     @property
     def layers(self) -> dict[str, int | None]:
@@ -243,7 +247,8 @@ class Trainer:
         sums: dict[str, torch.Tensor] = {}
         count, skipped, t0 = 0, 0, time.perf_counter()
         for batch in loader:
-            losses = self.run_step(*batch)
+            with self.cost.step(self, batch):
+                losses = self.run_step(*batch)
             count += 1
             if losses is None:
                 skipped += 1
@@ -261,12 +266,15 @@ class Trainer:
                 sums, count, skipped, t0 = {}, 0, 0, time.perf_counter()
             last = self.step == cfg.steps
             if cfg.eval_every and self.step % cfg.eval_every == 0 and not last:
-                self.check_finite()
-                self.emit({"kind": "eval", "step": self.step, "split": cfg.eval_split,
-                           **self.evaluate()})
+                with self.cost.paused():  # evaluations and checkpoints are not step time
+                    self.check_finite()
+                    self.emit({"kind": "eval", "step": self.step, "split": cfg.eval_split,
+                               **self.evaluate()})
             if (cfg.ckpt_every and self.step % cfg.ckpt_every == 0) or last:
-                self.check_finite(weights=True)
-                self.save()
+                with self.cost.paused():
+                    self.check_finite(weights=True)
+                    self.save()
+        self.cost.stop()
         if bar is not None:
             bar.close()
         self.check_finite(weights=True)
@@ -274,6 +282,7 @@ class Trainer:
         self.emit(final)
         if self.rank == 0:
             atomic_save_json(final, self.run_dir / "final.json")
+            atomic_save_json(self.cost.record(cfg.steps), self.run_dir / "cost.json")
             self.export(self.run_dir / "model.pt")
         return final
 
@@ -299,10 +308,7 @@ class Trainer:
             The detached loss dict, or None when ``skip_nonfinite`` skipped the step (the
             buffers its forward pass changed are then restored).
         """
-        images = images.to(self.device, non_blocking=True)
-        masks = masks.to(self.device, non_blocking=True)
-        if self.cuda and self.cfg.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
+        images, masks = self.batch_to_device(images, masks)
         buffers = ([b.clone() for m in self.state_modules() for b in m.buffers()]
                    if self.cfg.skip_nonfinite else None)
         self.step_skipped = False
@@ -317,10 +323,20 @@ class Trainer:
         self._watch_losses(losses)
         return losses
 
+    def batch_to_device(self, images: torch.Tensor, masks: torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A batch on the device (images channels-last on CUDA), without a host sync."""
+        images = images.to(self.device, non_blocking=True)
+        masks = masks.to(self.device, non_blocking=True)
+        if self.cuda and self.cfg.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return images, masks
+
     def _start(self, resume: bool) -> None:
         """Prepares the run directory: a fresh run, or the newest good checkpoint of one.
         Everything is checked before anything in the directory changes."""
         self.last_checkpoint, self._first_bad = None, None
+        self.cost.reset()  # a resumed run gets the earlier processes' cost from its checkpoint
         if not resume and checkpoint_paths(self.run_dir):
             raise FileExistsError(f"{self.run_dir} already holds checkpoints: pass --resume "
                                   "to continue that run, or choose a new --run-dir")
@@ -397,6 +413,7 @@ class Trainer:
             "rng": rng_state(),
             "inputs": self.inputs,  # SHA-256 of the teacher and pretext encoder files
             "extra": {"losses": self.losses.state_dict()} if self.losses is not None else {},
+            "cost": self.cost.state_dict(),  # the time and FLOPs of the steps so far
             # how much of metrics.jsonl this state has seen: resume cuts the rest (replayed)
             "metrics_bytes": metrics.stat().st_size if metrics.is_file() else 0,
         }
@@ -421,6 +438,8 @@ class Trainer:
         set_rng_state(ckpt["rng"])
         if self.losses is not None and "losses" in ckpt.get("extra", {}):
             self.losses.load_state_dict(ckpt["extra"]["losses"])
+        if "cost" in ckpt:  # (checkpoints from before kdnb.cost have none)
+            self.cost.load_state_dict(ckpt["cost"])
         self._cut_metrics(ckpt.get("metrics_bytes"))
 
     def resume(self) -> bool:

@@ -42,6 +42,10 @@ def test_two_processes_follow_one_with_frozen_batchnorm(tmp_path):
         diff = float((w1[key].float() - w2[key].float()).abs().max())
         scale = float(w1[key].float().abs().max()) + 1e-12
         assert diff <= 1e-4 * scale, (key, diff, scale)
+    # cost.json counts the global batch: each rank's half of it, times the ranks
+    cost = {n: json.loads((tmp_path / n / "cost.json").read_text()) for n in ("one", "two")}
+    assert cost["one"]["flops_per_step"] == cost["two"]["flops_per_step"] > 0
+    assert cost["two"]["processes"][0]["world"] == 2
 
 
 def test_sync_bn_on_cpu_is_refused(tmp_path, capsys):
