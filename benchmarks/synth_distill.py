@@ -7,6 +7,8 @@
     python benchmarks/synth_distill.py --methods baseline kd --seeds 1 --teacher-set steps=3600 \
         --tag teacher3600                                     # another teacher (own folder)
     python benchmarks/synth_distill.py --regime pretrained     # both encoders pretrained first
+    python benchmarks/synth_distill.py --matched-compute       # + baselines trained longer, at
+                                                              # each method's compute
     python benchmarks/synth_distill.py --quick --no-write      # seconds; what the test runs
 
 Protocol:
@@ -14,9 +16,14 @@ Protocol:
 * per seed, a student baseline and one student per method, all from the same initial
   weights and the same data order (paired), so a method's gain is a per-seed difference;
 * the training pool is fixed (no flip: SynthScenes already varies scale, rotation and
-  colour), so the teacher's outputs are computed once and a distillation run costs what
-  the baseline costs;
-* hyperparameters are chosen on the val split (``--sweep``), numbers reported on test.
+  colour), so the teacher's outputs are computed once and a distillation step costs what
+  a baseline step costs (with the cache's FLOPs spread over the steps, 1.11-1.12 times
+  as much: cost.json);
+* hyperparameters are chosen on the val split (``--sweep``), numbers reported on test;
+* ``--matched-compute``: after the methods' runs, the baseline is trained again for
+  ``round(steps * r)`` steps for each distinct compute ratio ``r > 1.05`` of a method over
+  the baseline (from the runs' ``cost.json``; docs/METHODS.md, "Matched compute"), in
+  ``baseline-x<r>-s<seed>``, and the tables gain the compute-matched gain.
 
 The methods and their weights are ``kdnb.experiments.COMPARISON`` (what ``make demo`` and
 notebook 04 run). Runs land in ``runs/synth_distill[/<tag>]/<method>-s<seed>``; finished
@@ -80,6 +87,19 @@ def run_one(name: str, methods: dict, seed: int, teacher: str, root: Path, quick
         result = evaluate(model, dataset, num_classes=dataset.num_classes, batch_size=32)
         path.write_text(json.dumps({"split": split, **result}, indent=2))
     return run_dir
+
+
+def matched_baselines(runs: dict[tuple[str, int], Path], one, seeds
+                      ) -> dict[tuple[str, int], Path]:
+    """``--matched-compute``: for each distinct compute ratio ``r > 1.05`` of a method over
+    the baseline (``kdnb.compare``, from the runs' cost.json), the baseline trained
+    ``round(steps * r)`` steps with the same recipe, per seed, as ``baseline-x<r>-s<seed>``
+    (trained once, resumed when cut short, like every run here)."""
+    rows = [read_run(run, "val", name) for (name, _), run in runs.items()]
+    needed = sorted({(round(s["ratio"], 2), s["matched_steps"]) for s in compare(rows)
+                     if s["ratio"] is not None and not s["matched_by_iterations"]})
+    return {(f"baseline-x{r:.2f}", seed): one(f"baseline-x{r:.2f}", {}, seed, steps=steps)
+            for r, steps in needed for seed in seeds}
 
 
 #: (method, reference): the comparisons the papers make, beside the gains over the baseline.
@@ -192,6 +212,9 @@ def main() -> None:
                         help="scratch: random init (the default); pretrained: teacher and "
                              "students start from encoders trained on PretextShapes "
                              "(kdnb.pretrain, cached), runs under ROOT/pretrained")
+    parser.add_argument("--matched-compute", action="store_true",
+                        help="after the methods, train the baseline longer at each method's "
+                             "compute ratio and add the compute-matched gain to the tables")
     parser.add_argument("--root", default="runs/synth_distill")
     parser.add_argument("--quick", action="store_true", help="tiny budgets (tests)")
     parser.add_argument("--threads", type=int, help="torch CPU threads")
@@ -216,6 +239,9 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"unknown methods {unknown}: choose among {list(methods)} "
                          "(or define one with --variant)")
+    if args.matched_compute and (args.sweep or "baseline" not in args.methods):
+        raise SystemExit("--matched-compute compares the methods with the baseline: keep "
+                         "baseline among --methods, and leave out --sweep")
     if (changes or teacher_changes) and not args.tag:  # (before --regime adds its own)
         raise SystemExit("--set and --teacher-set change the runs: give them their own folder "
                          "with --tag NAME")
@@ -253,8 +279,9 @@ def main() -> None:
     held_out = {"val": val_set, "test": test_set}
     shared = TeacherOutputs()  # every student distils the same teacher on the same pool
 
-    def one(name, methods, seed):
-        return run_one(name, methods, seed, teacher, root, args.quick, held_out, changes, shared)
+    def one(name, methods, seed, **more):
+        return run_one(name, methods, seed, teacher, root, args.quick, held_out,
+                       {**changes, **more}, shared)
 
     if args.sweep:
         name, weights = parse_sweep(args.sweep, methods)
@@ -271,20 +298,27 @@ def main() -> None:
         title = f"Weight sweep for {name} on val (seed 0)"
     else:
         seeds = range(args.start_seed, args.seeds)
-        runs = [one(name, methods[name], seed) for seed in seeds for name in args.methods]
-        labels = [name for seed in seeds for name in args.methods]
+        runs = {(name, seed): one(name, methods[name], seed)
+                for seed in seeds for name in args.methods}
+        longer = matched_baselines(runs, one, seeds) if args.matched_compute else {}
         parts = []
         for split, teacher_miou in (("val", teacher_val), ("test", teacher_test)):
-            rows = [read_run(r, split, n) for r, n in zip(runs, labels)]
-            table = format_table(compare(rows, teacher_miou), teacher_miou)
-            paired = paired_table(rows, pairs)
+            named = [read_run(r, split, n) for (n, _), r in {**runs, **longer}.items()]
+            # compare() knows the longer baselines as baselines of other steps
+            rows = [{**row, "methods": "baseline"} if (row["methods"], row["seed"]) in longer
+                    else row for row in named]
+            table = format_table(compare(rows, teacher_miou), teacher_miou,
+                                 matched_compute=args.matched_compute)
+            paired = paired_table(named, pairs)
             heading = "val (model selection)" if split == "val" else "test (reported)"
             parts.append(f"{heading}:\n\n{table}" + (f"\n\n{paired}" if paired else "")
-                         + f"\n\nPer seed ({split}):\n\n{per_seed_table(rows)}")
+                         + f"\n\nPer seed ({split}):\n\n{per_seed_table(named)}")
         report = "\n\n".join(parts) + f"\n\nTeacher weights: SHA-256 {teacher_digest[:16]}"
         title = f"SynthScenes distillation, {args.seeds} paired seeds"
     if args.regime == "pretrained":
         title += ", pretrained regime (encoders from the pretext task)"
+    if args.matched_compute:
+        title += ", with compute-matched baselines"
     shown = {k: v for k, v in changes.items() if k != "encoder_init"}
     if shown:
         title += f", student changes {shown}"

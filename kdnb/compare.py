@@ -1,10 +1,17 @@
 """Comparing runs: mean and spread over seeds, paired gains, share of the gap recovered.
 
-Runs are grouped by (student preset, methods); seeds pair runs across groups, so a
-method's gain over the student baseline is the mean of per-seed differences, whose spread
-is far smaller than the seed-to-seed spread of either (same init and data order).
-The share of the teacher-student gap recovered, ``(m - baseline) / (teacher - baseline)``,
-is how kdnb compares methods across datasets (CIRKD recovers 56 % on Cityscapes).
+Runs are grouped by (student preset, methods, steps); seeds pair runs across groups, so a
+method's gain over the student baseline of the same steps is the mean of per-seed
+differences, whose spread is far smaller than the seed-to-seed spread of either (same
+init and data order). The share of the teacher-student gap recovered,
+``(m - baseline) / (teacher - baseline)``, is how kdnb compares methods across datasets
+(CIRKD recovers 56 % on Cityscapes).
+
+Matched compute (docs/METHODS.md, "Matched compute"): from the runs' ``cost.json``
+(:mod:`kdnb.cost`), a method's compute ratio ``r`` over the baseline, and its gain over
+the baseline trained ``round(steps * r)`` steps with the same recipe (the iteration-matched
+one where ``r <= 1.05``). The table says how to train a compute-matched baseline that is
+missing.
 """
 from __future__ import annotations
 
@@ -42,9 +49,38 @@ def read_run(run_dir: str | Path, split: str = "val", label: str | None = None) 
                                 f"{run_dir / 'model.pt'} --split {split} --json "
                                 f"{run_dir / (split + '.json')}` first")
     methods = label or method_label(cfg.get("methods") or {})
+    cost_path = run_dir / "cost.json"
+    try:
+        cost = json.loads(cost_path.read_text()) if cost_path.is_file() else {}
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{cost_path} is not JSON ({err}): delete it (the run's FLOPs are "
+                         "then unknown) or train the run again in a new run directory") from None
     return {"run": str(run_dir), "student": cfg["model"], "methods": methods,
             "seed": cfg.get("seed", 0), "miou": 100 * result["miou"],
-            "teacher": cfg.get("teacher")}
+            "teacher": cfg.get("teacher"), "steps": cfg.get("steps"),
+            "flops": compute_per_step(cost, cfg.get("steps"))}
+
+
+def compute_per_step(cost: dict, steps: int | None = None) -> float | None:
+    """A run's compute per step from its ``cost.json``: its FLOPs per step (the teacher's
+    forward included when the teacher runs each step) plus the FLOPs of computing the
+    teacher's cached outputs spread over its steps (``cost["steps"]``, else ``steps``);
+    None when its FLOPs were not counted."""
+    if cost.get("flops_per_step") is None:
+        return None
+    cache = cost.get("teacher_cache_flops") or 0
+    return cost["flops_per_step"] + (cache / (cost.get("steps") or steps) if cache else 0)
+
+
+#: Up to this compute ratio the iteration-matched baseline is the compute-matched one: the
+#: FLOP count leaves out elementwise work, so smaller differences are below what it resolves.
+SAME_COMPUTE = 1.05
+
+
+def matched_steps(steps: int, ratio: float) -> int:
+    """The steps of the compute-matched baseline: ``steps * r``, ``r`` rounded to 2
+    decimals (the benchmark names its runs by that ``r``: ``baseline-x1.50-s0``)."""
+    return round(steps * round(ratio, 2))
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -52,46 +88,140 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return mean, (statistics.stdev(values) if len(values) > 1 else float("nan"))
 
 
+def _paired(by_seed: dict[int, dict], base: dict[int, dict]) -> tuple[float, float, int] | None:
+    """Mean and std of the per-seed mIoU differences, and the number of paired seeds."""
+    diffs = [by_seed[s]["miou"] - base[s]["miou"] for s in by_seed if s in base]
+    return (*_mean_std(diffs), len(diffs)) if diffs else None
+
+
+def _mean_flops(runs) -> float | None:
+    flops = [r["flops"] for r in runs if r.get("flops") is not None]
+    return statistics.fmean(flops) if flops else None
+
+
 def compare(rows: list[dict], teacher_miou: float | None = None) -> list[dict]:
-    """One summary per (student, methods) group, the baseline first.
+    """One summary per (student, methods, steps) group, the baselines first.
 
     Args:
         rows: :func:`read_run` results.
         teacher_miou: the teacher's mIoU on the same split, for the share of the gap.
+
+    Returns:
+        Summaries with the mean and std over seeds, the paired gain over the baseline of
+        the same steps (``gain``, ``gain_std``) and, where the runs' FLOPs are known, the
+        compute ratio ``ratio`` and the gain over the compute-matched baseline
+        (``matched_gain``, ``matched_gain_std``; ``matched_steps`` its steps,
+        ``matched_by_iterations`` where ``ratio <= SAME_COMPUTE``, ``matched_missing``
+        the baseline runs to lengthen when it is missing).
     """
-    groups: dict[tuple[str, str], dict[int, float]] = defaultdict(dict)
+    groups: dict[tuple, dict[int, dict]] = defaultdict(dict)
     for row in rows:
-        groups[(row["student"], row["methods"])][row["seed"]] = row["miou"]
+        groups[(row["student"], row["methods"], row.get("steps"))][row["seed"]] = row
+
+    def order(key):  # per student the baselines first, by steps
+        student, methods, steps = key
+        return student, methods != "baseline", methods, steps or 0
+
     summaries = []
-    for (student, methods), by_seed in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1] != "baseline", kv[0][1])):
-        mean, std = _mean_std(list(by_seed.values()))
-        summary = {"student": student, "methods": methods, "seeds": len(by_seed),
-                   "miou": mean, "std": std, "gain": None, "gain_std": None, "gap_share": None}
-        base = groups.get((student, "baseline"))
-        if base and methods != "baseline":
-            paired = [by_seed[s] - base[s] for s in by_seed if s in base]
+    for (student, methods, steps), by_seed in sorted(groups.items(), key=lambda kv: order(kv[0])):
+        mean, std = _mean_std([r["miou"] for r in by_seed.values()])
+        summary = {"student": student, "methods": methods, "steps": steps, "seeds": len(by_seed),
+                   "miou": mean, "std": std, "gain": None, "gain_std": None, "gap_share": None,
+                   "ratio": None, "matched_gain": None, "matched_gain_std": None,
+                   "matched_steps": None, "matched_by_iterations": False, "matched_missing": None}
+        if methods == "baseline":
+            summaries.append(summary)
+            continue
+        base = groups.get((student, "baseline", steps), {})
+        paired = _paired(by_seed, base)
+        if paired:
+            summary["gain"], summary["gain_std"], summary["paired_seeds"] = paired
+            if teacher_miou is not None:
+                base_mean = statistics.fmean(base[s]["miou"] for s in by_seed if s in base)
+                gap = teacher_miou - base_mean
+                summary["gap_share"] = 100 * summary["gain"] / gap if gap > 0 else None
+        baselines = [r for (st, m, _), runs in groups.items() if (st, m) == (student, "baseline")
+                     for r in runs.values()]  # FLOPs per step do not depend on the steps
+        baseline_flops = _mean_flops(baselines)
+        flops = _mean_flops(by_seed.values())
+        if flops is not None and baseline_flops and steps:
+            ratio = flops / baseline_flops
+            by_iterations = ratio <= SAME_COMPUTE
+            n = steps if by_iterations else matched_steps(steps, ratio)
+            summary.update(ratio=ratio, matched_steps=n, matched_by_iterations=by_iterations)
+            paired = _paired(by_seed, groups.get((student, "baseline", n), {}))
             if paired:
-                summary["gain"], summary["gain_std"] = _mean_std(paired)
-                summary["paired_seeds"] = len(paired)
-                if teacher_miou is not None:
-                    base_mean = statistics.fmean(base[s] for s in by_seed if s in base)
-                    gap = teacher_miou - base_mean
-                    summary["gap_share"] = 100 * summary["gain"] / gap if gap > 0 else None
+                summary["matched_gain"], summary["matched_gain_std"], _ = paired
+            else:
+                summary["matched_missing"] = [base[s]["run"] for s in sorted(base)]
         summaries.append(summary)
     return summaries
 
 
-def format_table(summaries: list[dict], teacher_miou: float | None = None) -> str:
-    """A markdown table of :func:`compare` summaries."""
+def format_table(summaries: list[dict], teacher_miou: float | None = None, *,
+                 matched_compute: bool | None = None) -> str:
+    """A markdown table of :func:`compare` summaries, with footnotes.
+
+    Args:
+        summaries: :func:`compare`'s.
+        teacher_miou: printed under the table.
+        matched_compute: add the matched-compute columns (``r`` and the gain over the
+            compute-matched baseline); None: where some run's FLOPs are known.
+    """
     def fmt(x, spec="{:.2f}"):
         return "-" if x is None or x != x else spec.format(x)
 
-    lines = ["| student | methods | seeds | mIoU | std | gain (paired) | gain std | % of gap |",
-             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    if matched_compute is None:
+        matched_compute = any(s.get("ratio") is not None for s in summaries)
+    show_steps = matched_compute or len({s.get("steps") for s in summaries}) > 1
+    head = ["student", "methods", *(["steps"] if show_steps else []), "seeds", "mIoU", "std",
+            "gain (paired)", "gain std"]
+    if matched_compute:
+        head += ["r", "gain at matched compute", "matched gain std"]
+    head.append("% of gap")
+    lines = ["| " + " | ".join(head) + " |", "|---|---|" + "---:|" * (len(head) - 2)]
     for s in summaries:
-        lines.append(f"| {s['student']} | {s['methods']} | {s['seeds']} | {fmt(s['miou'])} | "
-                     f"{fmt(s['std'])} | {fmt(s['gain'], '{:+.2f}')} | {fmt(s['gain_std'])} | "
-                     f"{fmt(s['gap_share'], '{:.0f}')} |")
+        cells = [s["student"], s["methods"], *([fmt(s.get("steps"), "{}")] if show_steps else []),
+                 str(s["seeds"]), fmt(s["miou"]), fmt(s["std"]), fmt(s["gain"], "{:+.2f}"),
+                 fmt(s["gain_std"])]
+        if matched_compute:
+            ratio = fmt(s.get("ratio")) + ("*" if s.get("matched_by_iterations") else "")
+            cells += [ratio, fmt(s.get("matched_gain"), "{:+.2f}"), fmt(s.get("matched_gain_std"))]
+        cells.append(fmt(s["gap_share"], "{:.0f}"))
+        lines.append("| " + " | ".join(cells) + " |")
+    if matched_compute:
+        lines += [""] + _matched_notes(summaries)
     if teacher_miou is not None:
         lines.append(f"\nteacher: {teacher_miou:.2f} mIoU")
     return "\n".join(lines)
+
+
+def _matched_notes(summaries: list[dict]) -> list[str]:
+    """The footnotes of the matched-compute columns: what r is, the rows where the
+    iteration-matched baseline serves, and the commands that train missing baselines."""
+    notes = ["r: compute per step over the baseline's (FLOPs of matrix products and "
+             "convolutions; the teacher's forward when it runs each step, its cached outputs "
+             "spread over the steps); the compute-matched baseline trains round(steps * r) "
+             "steps with the same recipe (docs/METHODS.md, \"Matched compute\")."]
+    if any(s.get("matched_by_iterations") for s in summaries):
+        notes.append(f"*: r <= {SAME_COMPUTE}, below what the FLOP count resolves (it leaves "
+                     "out elementwise work): the iteration-matched baseline is the "
+                     "compute-matched one.")
+    unknown = [s["methods"] for s in summaries if s["methods"] != "baseline" and s["ratio"] is None]
+    if unknown:
+        notes.append(f"r is missing for {', '.join(unknown)}: a run or its baseline has no "
+                     "cost.json with FLOPs (trained before kdnb recorded them, or with "
+                     "--no-flop-count).")
+    missing: dict[tuple, list[str]] = defaultdict(list)
+    for s in summaries:
+        if s.get("matched_missing") is not None:
+            missing[(s["matched_steps"], round(s["ratio"], 2), tuple(s["matched_missing"]))].append(
+                s["methods"])
+    for (steps, ratio, runs), methods in missing.items():
+        notes.append(f"No compute-matched baseline for {', '.join(methods)} (r = {ratio:.2f}): "
+                     f"train the baseline {steps} steps, then add its run directories"
+                     + (":" if runs else " (no baseline run of these steps to start from)."))
+        for run in map(Path, runs):  # the same recipe and seed, longer
+            notes.append(f"    kdnb train --config {run / 'config.json'} --steps {steps} "
+                         f"--run-dir {run.with_name(f'{run.name}-x{ratio:.2f}')}")
+    return notes

@@ -51,6 +51,41 @@ def test_synth_distill_quick_runs_every_method_and_resumes(tmp_path):
     assert {p: p.stat().st_mtime for p in stamps} == stamps  # nothing was trained again
 
 
+def test_synth_distill_matched_compute_trains_longer_baselines_once(tmp_path):
+    """--matched-compute: after the methods, the baseline trained round(steps * r) steps for
+    each distinct compute ratio (here the cached teacher's pool, spread over 12 steps); the
+    tables gain the compute-matched gain, and a rerun trains nothing again."""
+    import json
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "KDNB_DATA": str(tmp_path / "data")}
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "synth_distill.py"), "--quick", "--no-write",
+           "--seeds", "1", "--threads", "1", "--root", str(tmp_path / "runs"),
+           "--methods", "baseline", "kd", "mse-stage2", "--matched-compute"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    runs = tmp_path / "runs"
+    longer = sorted(runs.glob("baseline-x*-s0"))
+    assert longer, sorted(p.name for p in runs.iterdir())
+    for run in longer:
+        ratio = float(run.name.split("-x")[1].split("-s")[0])
+        cfg = json.loads((run / "config.json").read_text())
+        assert cfg["steps"] == round(12 * ratio) and cfg["methods"] == {}, cfg
+        assert f"| synth-student | baseline | {cfg['steps']} |" in proc.stdout
+    cost = json.loads((runs / "kd-s0" / "cost.json").read_text())
+    assert cost["teacher_flops_per_step"] == 0 and cost["teacher_cache_flops"] > 0
+    assert proc.stdout.count("gain at matched compute") == 2  # val and test
+    assert "No compute-matched baseline" not in proc.stdout
+    assert f"| {longer[0].name.rsplit('-s', 1)[0]} |" in proc.stdout  # the per-seed table row
+    stamps = {p: p.stat().st_mtime for p in runs.glob("*/model.pt")}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert {p: p.stat().st_mtime for p in stamps} == stamps  # nothing was trained again
+    proc = subprocess.run(cmd[:-4] + ["kd", "--matched-compute"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0 and "keep baseline among --methods" in proc.stderr
+
+
 def test_synth_distill_teacher_set_trains_another_teacher(tmp_path):
     """--teacher-set: a second teacher in its own file; the tagged students distil from it."""
     import json
