@@ -72,6 +72,9 @@ from _measure import (FAKD_DIFFS, LOSS_ROWS, add_common_arguments, count_host_sy
                       device_name, random_masks, resolve_common_arguments)
 
 CRITERION = ("kd+fakd (full)", 19, 5.0)  # (row, K, at most this % of a student step)
+#: CIRKD's recipe is pixel KD plus CIRKD: its step over a pixel-KD step, at K = 19 and a
+#: 64x128 head map, at most this ratio.
+CIRKD_CRITERION = (19, (64, 128), 2.0)
 # Image size on CPU, per student, for a step of a few seconds on two cores at batch 8
 # (extrapolated from one-thread steps at batch 2, 64x128: about 2 to 3 s for each).
 CPU_SIZES = {"synth-student": (256, 512)}
@@ -99,6 +102,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--amp", default="auto", choices=("auto", "on", "off"),
                         help="bf16 autocast and channels-last, as kdnb.train; auto (the "
                              "default): on CUDA only")
+    parser.add_argument("--only", nargs="+", metavar="ROW", default=None,
+                        help="time these rows only (names as in the table, e.g. kd cirkd "
+                             "'kd+fakd (full)'); default: every row")
     parser.add_argument("--in-step", action="store_true",
                         help="also time (step with the loss) - (step alone), paired per repeat")
     add_common_arguments(parser, "tiny sizes and 2 repeats: checks that the script runs, "
@@ -131,6 +137,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.batch < 2:
         parser.error("--batch must be >= 2 (BatchNorm in training mode, e.g. DeepLabV3's "
                      "image pooling, needs two samples)")
+    if args.only:
+        unknown = [r for r in args.only if r not in LOSS_ROWS or r == "base"]
+        if unknown:
+            parser.error(f"--only: unknown rows {unknown}; choose among "
+                         f"{[r for r in LOSS_ROWS if r != 'base']}")
     if min(args.classes) < 2 or min(args.size) < 8:
         parser.error("--classes must be >= 2 and --size at least 8 8")
     return args
@@ -165,12 +176,13 @@ def median_iqr(values: list[float]) -> tuple[float, float]:
 # --------------------------------------------------------------------------- one K
 
 def build_methods(model, num_classes: int, student_channels: int, teacher_channels: int,
-                  device: torch.device) -> dict[str, torch.nn.Module]:
-    """Every loss to time, by table label (:data:`LOSS_ROWS`, built as a run builds them),
-    on ``device`` and in training mode; FAKD at ``lam = lambda_0``."""
+                  device: torch.device, only: list[str] | None = None
+                  ) -> dict[str, torch.nn.Module]:
+    """Every loss to time (or those of ``only``), by table label (:data:`LOSS_ROWS`, built
+    as a run builds them), on ``device`` and in training mode; FAKD at ``lam = lambda_0``."""
     losses = {}
     for label, methods in LOSS_ROWS.items():
-        if label == "base":
+        if label == "base" or (only and label not in only):
             continue
         (name, options), = resolve_methods(methods).items()
         if name == "fakd" and options["on"] == "logits":
@@ -204,7 +216,8 @@ def run_one_k(args: argparse.Namespace, num_classes: int, device: torch.device) 
         "logits": 3 * torch.randn(args.batch, num_classes, h, w, generator=gen).to(device),
         "feats": torch.randn(args.batch, args.teacher_channels, h, w, generator=gen).to(device),
     }
-    losses = build_methods(model, num_classes, student_channels, args.teacher_channels, device)
+    losses = build_methods(model, num_classes, student_channels, args.teacher_channels, device,
+                           args.only)
     leaves = {"logits": head_logits.detach().requires_grad_(),
               "feats": feats.detach().requires_grad_()}
 
@@ -269,6 +282,8 @@ def run_one_k(args: argparse.Namespace, num_classes: int, device: torch.device) 
             row["in_step_ms"] = median_iqr([1e3 * t for t in in_step[label]])[0]
         rows.append(row)
     for label, replaced in FAKD_DIFFS:
+        if label not in losses or replaced not in losses:
+            continue
         diffs = [1e3 * (a - b) for a, b in zip(loss_times[label], loss_times[replaced])]
         ms, iqr = median_iqr(diffs)
         rows.append({"method": f"{label} - {replaced}", "ms": ms, "iqr": iqr,
@@ -280,13 +295,27 @@ def run_one_k(args: argparse.Namespace, num_classes: int, device: torch.device) 
 # --------------------------------------------------------------------------- report
 
 def criterion_line(result: dict) -> str | None:
+    """The acceptance lines this table can decide (FAKD over KD; a CIRKD step over a
+    pixel-KD step), or None."""
+    rows = {r["method"]: r for r in result["rows"]}
+    lines = []
     row_name, k, limit = CRITERION
-    if result["classes"] != k:
-        return None
-    row = next(r for r in result["rows"] if r["method"] == f"{row_name} - kd")
-    verdict = "met" if row["pct"] <= limit else "NOT met"
-    return (f"FAKD over the KD it replaces at K = {k}: {row['ms']:.2f} ms = {row['pct']:.1f} % "
-            f"of a student step (criterion <= {limit:g} %): {verdict}")
+    row = rows.get(f"{row_name} - kd")
+    if result["classes"] == k and row:
+        verdict = "met" if row["pct"] <= limit else "NOT met"
+        lines.append(f"FAKD over the KD it replaces at K = {k}: {row['ms']:.2f} ms = "
+                     f"{row['pct']:.1f} % of a student step (criterion <= {limit:g} %): "
+                     f"{verdict}")
+    k, head, limit = CIRKD_CRITERION
+    if result["classes"] == k and tuple(result["head"]) == head and {"kd", "cirkd"} <= set(rows):
+        # CIRKD's recipe trains pixel KD beside it: step + kd + cirkd against step + kd
+        kd_step = result["step_ms"] + rows["kd"]["ms"]
+        ratio = (kd_step + rows["cirkd"]["ms"]) / kd_step
+        verdict = "met" if ratio <= limit else "NOT met"
+        lines.append(f"CIRKD step (student step + kd + cirkd) / pixel-KD step (student step "
+                     f"+ kd) at K = {k}, {head[0]}x{head[1]}: {ratio:.2f} (criterion <= "
+                     f"{limit:g}): {verdict}")
+    return "\n".join(lines) or None
 
 
 def markdown_table(result: dict, cuda: bool, in_step: bool) -> str:
@@ -375,8 +404,7 @@ def main(argv: list[str] | None = None) -> int:
                          f"{result['step_ms']:.1f} ms (head C_s = "
                          f"{result['student_channels']} at {h}x{w})\n")
             parts.append(markdown_table(result, cuda, args.in_step))
-            line = criterion_line(result)
-            if line:
+            for line in (criterion_line(result) or "").splitlines():
                 parts.append(f"\n**{line}**")
         append_text(args.out, "\n".join(parts))
     return 0

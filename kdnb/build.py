@@ -171,7 +171,7 @@ def build_trainer(cfg: TrainConfig, run_dir: str | Path, *, model: nn.Module | N
         if channels_last:
             teacher = teacher.to(memory_format=torch.channels_last)
         losses = build_distill_losses(cfg.methods, student=model, teacher=teacher,
-                                      num_classes=num_classes).to(device)
+                                      num_classes=num_classes, seed=cfg.seed).to(device)
         trainable = nn.ModuleList([model, losses])  # the adapters train with the student
         if cfg.cache_teacher:
             pool = getattr(train_set, "dataset", train_set)

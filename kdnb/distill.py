@@ -76,7 +76,7 @@ class DistillLosses(nn.ModuleDict):
 
 
 def build_distill_losses(methods: Mapping, *, student: nn.Module, teacher: nn.Module,
-                         num_classes: int) -> DistillLosses:
+                         num_classes: int, seed: int | None = None) -> DistillLosses:
     """The loss modules of a methods dict for a student and a teacher.
 
     Args:
@@ -86,6 +86,8 @@ def build_distill_losses(methods: Mapping, *, student: nn.Module, teacher: nn.Mo
         student, teacher: :class:`kdnb.models.SegModel`; each loss is sized for the
             channels of its layer in each (an adapter where they differ).
         num_classes: ``K``.
+        seed: the run's seed, for the losses that draw at random (CIRKD's memories and
+            draws; :func:`kdnb.losses.build_losses`).
 
     Raises:
         ValueError: a spec that does not parse, or a loss that cannot apply to this
@@ -113,7 +115,7 @@ def build_distill_losses(methods: Mapping, *, student: nn.Module, teacher: nn.Mo
         stage = layers[name]
         losses.update(build_losses({name: options}, student_channels=channels(student, stage),
                                    teacher_channels=channels(teacher, stage),
-                                   num_classes=num_classes))
+                                   num_classes=num_classes, seed=seed))
     return DistillLosses(losses, layers)
 
 

@@ -12,6 +12,19 @@ FAKD_ROWS = ("kd+fakd (full)", "kd+fakd (diag)", "nfd+fakd (full)", "nfd+fakd (d
              "kd+fakd (full) - kd", "nfd+fakd (full) - nfd")
 
 
+def load_script(monkeypatch, name: str):
+    """A benchmarks/ script imported as a module (its siblings, e.g. _measure.py, importable)."""
+    import importlib.util
+
+    script = ROOT / "benchmarks" / f"{name}.py"
+    monkeypatch.syspath_prepend(str(script.parent))
+    spec = importlib.util.spec_from_file_location(name, script)
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, name, bench)
+    spec.loader.exec_module(bench)
+    return bench
+
+
 def test_loss_overhead_quick_prints_every_method():
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(
@@ -168,13 +181,7 @@ def test_gpu_throughput_quick_prints_every_row():
 
 def test_gpu_throughput_peak_table_and_criteria(monkeypatch):
     """The bf16 peaks by device name, and the verdicts computed from them."""
-    import importlib.util
-
-    monkeypatch.syspath_prepend(str(GPU_THROUGHPUT.parent))  # its sibling _measure.py
-    spec = importlib.util.spec_from_file_location("gpu_throughput", GPU_THROUGHPUT)
-    bench = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "gpu_throughput", bench)
-    spec.loader.exec_module(bench)
+    bench = load_script(monkeypatch, "gpu_throughput")
     expected = {"NVIDIA H100 80GB HBM3": 989, "NVIDIA H100 PCIe": 756, "NVIDIA H200": 989,
                 "NVIDIA A100-SXM4-80GB": 312, "NVIDIA A100 80GB PCIe": 312, "NVIDIA L4": 121,
                 "NVIDIA L40S": None, "NVIDIA H100 NVL": None,
@@ -187,6 +194,22 @@ def test_gpu_throughput_peak_table_and_criteria(monkeypatch):
     assert "2.50x images/s (criterion >= 2x): met" in lines[0]
     assert "25.3 % of 989 TFLOP/s bf16 (criterion >= 30 %): NOT met" in lines[1]
     assert "20.00 GiB" in lines[2]
+
+
+def test_loss_overhead_criteria_lines(monkeypatch):
+    """The verdicts read off a table: FAKD over KD, and a CIRKD step over a pixel-KD step
+    (CIRKD's recipe trains KD beside it) only at K = 19 on a 64x128 head map."""
+    bench = load_script(monkeypatch, "loss_overhead")
+    rows = [{"method": "kd", "ms": 10.0}, {"method": "cirkd", "ms": 1200.0},
+            {"method": "kd+fakd (full) - kd", "ms": 40.0, "pct": 4.0}]
+    result = {"classes": 19, "head": (64, 128), "step_ms": 1000.0, "rows": rows}
+    fakd, cirkd = bench.criterion_line(result).splitlines()
+    assert fakd.endswith("4.0 % of a student step (criterion <= 5 %): met")
+    assert "(64x128): " not in cirkd and cirkd.endswith(": 2.19 (criterion <= 2): NOT met")
+    rows[1]["ms"] = 1000.0
+    assert bench.criterion_line(result).splitlines()[1].endswith(": 1.99 (criterion <= 2): met")
+    assert bench.criterion_line({**result, "head": (16, 32)}).count("\n") == 0  # FAKD only
+    assert bench.criterion_line({**result, "classes": 150}) is None
 
 
 def test_nfd_premise_quick_prints_every_layer():
@@ -229,16 +252,9 @@ def test_synth_distill_pretrained_regime_starts_every_run_from_pretext_encoders(
 def test_synth_distill_records_every_seed_and_the_teachers_weights(monkeypatch):
     """The per-seed table holds every run's mIoU (a paired table can be recomputed from it);
     the weights digest tells bit-identical teachers from others, however they were saved."""
-    import importlib.util
-
     import torch
 
-    script = ROOT / "benchmarks" / "synth_distill.py"
-    monkeypatch.syspath_prepend(str(script.parent))
-    spec = importlib.util.spec_from_file_location("synth_distill", script)
-    bench = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "synth_distill", bench)
-    spec.loader.exec_module(bench)
+    bench = load_script(monkeypatch, "synth_distill")
     rows = [{"methods": "baseline", "seed": 0, "miou": 29.144}, {"methods": "kd", "seed": 0,
              "miou": 31.3}, {"methods": "baseline", "seed": 3, "miou": 28.6}]
     table = bench.per_seed_table(rows).splitlines()

@@ -24,6 +24,8 @@ import torch.nn.functional as F
 
 from kdnb.losses import (METHODS, CIRKDLoss, build_losses, cirkd_loss, cross_image_pair_loss,
                          memory_contrast_loss)
+from kdnb.losses import contrast
+from kdnb.losses.contrast import similarity_kl
 
 F64 = torch.float64
 K, C_S, C_T, H, W = 4, 5, 6, 6, 6
@@ -324,6 +326,54 @@ def test_cross_image_pair_loss_is_resolution_invariant_and_pools():
     torch.testing.assert_close(cross_image_pair_loss(up(s), up(t)), base, rtol=1e-10, atol=0)
     torch.testing.assert_close(cross_image_pair_loss(up(s), up(t), pool=2), base,
                                rtol=1e-10, atol=0)
+
+
+@pytest.mark.parametrize("block", [1 << 20, 7])  # one block; blocks of 1 row (7 // 8 keys)
+def test_similarity_kl_equals_the_plain_expression_with_its_gradients(monkeypatch, block):
+    """The fused blocks give the autograd expression's value and gradients (float64),
+    rows of weight 0 left out even when they hold NaN."""
+    monkeypatch.setattr(contrast, "_BLOCK_VALUES", block)
+    s_rows, s_keys = randn(9, 4, seed=0).requires_grad_(), randn(8, 4, seed=1).requires_grad_()
+    t_rows, t_keys = randn(9, 6, seed=2), randn(8, 6, seed=3)
+    weights = randn(9, seed=4).abs()
+    weights[[2, 5]] = 0.0
+    poisoned = s_rows.detach().clone()
+    poisoned[2] = float("nan")
+    poisoned.requires_grad_()
+    scale = 3.0
+
+    def plain(rows):
+        log_p_s = F.log_softmax(scale * rows @ s_keys.T, dim=1)
+        log_p_t = F.log_softmax(scale * t_rows @ t_keys.T, dim=1)
+        kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum(1)
+        return (weights * kl)[weights != 0].sum()
+
+    expected = plain(s_rows)
+    want = torch.autograd.grad(expected, (s_rows, s_keys))
+    fused = similarity_kl(poisoned, s_keys, t_rows, t_keys, scale=scale, weights=weights)
+    got = torch.autograd.grad(2.0 * fused, (poisoned, s_keys))  # the outer gradient scales
+    torch.testing.assert_close(fused, expected, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(got[0][weights != 0], 2.0 * want[0][weights != 0], rtol=1e-10,
+                               atol=1e-14)
+    assert torch.equal(got[0][weights == 0], torch.zeros(2, 4, dtype=F64))
+    torch.testing.assert_close(got[1], 2.0 * want[1], rtol=1e-10, atol=1e-14)
+    with torch.no_grad():  # the loss alone, no gradient pass
+        torch.testing.assert_close(similarity_kl(s_rows, s_keys, t_rows, t_keys, scale=scale,
+                                                 weights=weights), expected)
+
+
+def test_the_run_seed_seeds_cirkd_unless_its_options_set_one():
+    def built(spec, seed):
+        return build_losses(spec, student_channels=C_S, teacher_channels=C_T, num_classes=K,
+                            seed=seed)["cirkd"]
+
+    small = {"pixel_memory_size": 64, "region_memory_size": 8}
+    assert built({"cirkd": small}, 7).seed == 7
+    assert built({"cirkd": {**small, "seed": 3}}, 7).seed == 3
+    assert not torch.equal(built({"cirkd": small}, 1).pixel_queue,
+                           built({"cirkd": small}, 2).pixel_queue)
+    assert build_losses({"cirkd": small}, student_channels=C_S, teacher_channels=C_T,
+                        num_classes=K)["cirkd"].seed == 0  # no run seed: the default
 
 
 # ----------------------------------------------------------------------- resume, contract

@@ -117,6 +117,13 @@ def test_every_method_trains_and_the_teacher_stays_frozen(tmp_path, teacher_ckpt
     assert not trainer.teacher.training
 
 
+def test_a_run_seeds_cirkd_with_its_own_seed(tmp_path, teacher_ckpt):
+    cirkd = {"cirkd": {"pixel_memory_size": 64, "region_memory_size": 8}}
+    trainer = build_trainer(tiny(teacher=teacher_ckpt, methods=cirkd, seed=5), tmp_path,
+                            progress=False)
+    assert trainer.losses["cirkd"].seed == 5
+
+
 @pytest.mark.parametrize("methods, kept", [
     ({"nfd": 1.0, "fakd": {"lambda_0": 2.0}}, ("adapter", "feat_sum")),  # FAKD's statistics
     ({"cirkd": {"pixel_memory_size": 64, "region_memory_size": 8}},      # CIRKD's memories

@@ -41,15 +41,81 @@ from kdnb.features import resize_labels
 from kdnb.losses.feature import _check_features, _upcast
 from kdnb.losses.relation import _full_precision, _pooled_pair, labelled_feats
 
-__all__ = ["cross_image_pair_loss", "memory_contrast_loss", "cirkd_loss", "CIRKDTerms",
-           "CIRKDDraws", "CIRKDLoss"]
+__all__ = ["similarity_kl", "cross_image_pair_loss", "memory_contrast_loss", "cirkd_loss",
+           "CIRKDTerms", "CIRKDDraws", "CIRKDLoss"]
 
 
-def _softmax_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-    """``KL(softmax(teacher) || softmax(student))`` over the last axis, one value per row."""
-    log_p_s = F.log_softmax(student_logits, dim=-1)
-    log_p_t = F.log_softmax(teacher_logits, dim=-1)
-    return (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1)
+#: Rows of logits computed at a time: a (rows, keys) block of a few MB stays in cache.
+_BLOCK_VALUES = 1 << 20
+
+
+def _similarity_kl_rows(s_rows, s_keys, t_rows, t_keys, scale, weights, grads=None):
+    """``sum_r weights[r] * KL(softmax(scale t_r . T^T) || softmax(scale s_r . S^T))``,
+    a block of rows at a time; fills ``grads = [d/ds_rows, d/ds_keys]`` when given (an
+    entry None: that gradient is not needed)."""
+    total = s_rows.new_zeros(())
+    step = max(1, _BLOCK_VALUES // max(1, s_keys.shape[0]))
+    for start in range(0, s_rows.shape[0], step):
+        rows = slice(start, start + step)
+        log_p_s = F.log_softmax((s_rows[rows] * scale) @ s_keys.T, dim=1)  # (r, M)
+        log_p_t = F.log_softmax((t_rows[rows] * scale) @ t_keys.T, dim=1)
+        p_t = log_p_t.exp()
+        w = weights[rows]
+        kl = (p_t * (log_p_t - log_p_s)).sum(1)  # (r,)
+        # where, not a product: a row of weight 0 may hold anything, NaN included
+        total = total + torch.where(w != 0, w * kl, 0.0).sum()
+        if grads is not None:
+            # d KL / d logits_s = p_s - p_t; the logits are scale * s_rows . s_keys^T
+            g = torch.where(w[:, None] != 0, (log_p_s.exp() - p_t) * (w * scale)[:, None], 0.0)
+            if grads[0] is not None:
+                grads[0][rows] = g @ s_keys
+            if grads[1] is not None:  # (a left-out row's values too: 0 * NaN is NaN)
+                grads[1] += g.T @ torch.where(w[:, None] != 0, s_rows[rows], 0.0)
+    return total
+
+
+class _SimilarityKL(torch.autograd.Function):
+    """:func:`_similarity_kl_rows` with its gradient computed in the same pass over the
+    blocks: no ``(rows, keys)`` tensor is kept for the backward."""
+
+    @staticmethod
+    def forward(ctx, s_rows, s_keys, t_rows, t_keys, scale, weights):
+        need_rows, need_keys = ctx.needs_input_grad[:2]
+        grads = [torch.empty_like(s_rows) if need_rows else None,
+                 torch.zeros_like(s_keys) if need_keys else None]
+        total = _similarity_kl_rows(s_rows, s_keys, t_rows, t_keys, scale, weights, grads)
+        ctx.save_for_backward(*(g for g in grads if g is not None))
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        saved = iter(ctx.saved_tensors)
+        return tuple(next(saved) * grad_total if need else None
+                     for need in ctx.needs_input_grad[:2]) + (None,) * 4
+
+
+def similarity_kl(s_rows: torch.Tensor, s_keys: torch.Tensor, t_rows: torch.Tensor,
+                  t_keys: torch.Tensor, *, scale: float, weights: torch.Tensor) -> torch.Tensor:
+    """The distillation of a similarity distribution, CIRKD's building block, fused.
+
+    Row ``r`` of each network gets a softmax over its similarities to that network's keys,
+    ``softmax(scale * rows[r] . keys^T)``; the result is ``sum_r weights[r] * KL(teacher's
+    || student's)``, rows of weight 0 left out (they may hold anything). It equals the
+    plain autograd expression, but runs over blocks of rows and computes the gradient
+    with respect to ``s_rows`` and ``s_keys`` in the same pass (``d KL / d logits = p_s -
+    p_t``), so memory stays at one block instead of several ``(rows, keys)`` tensors:
+    at a 64x128 map the in-batch term's are 8192 x 8192 per image pair. The teacher's
+    rows and keys get no gradient. No double backward.
+
+    Shape:
+        ``s_rows (R, C_s)``, ``s_keys (M, C_s)``, ``t_rows (R, C_t)``, ``t_keys (M, C_t)``,
+        ``weights (R,)``; returns a 0-dim tensor.
+    """
+    t_rows, t_keys, weights = t_rows.detach(), t_keys.detach(), weights.detach()
+    with _full_precision(s_rows.device):
+        if torch.is_grad_enabled() and (s_rows.requires_grad or s_keys.requires_grad):
+            return _SimilarityKL.apply(s_rows, s_keys, t_rows, t_keys, scale, weights)
+        return _similarity_kl_rows(s_rows, s_keys, t_rows, t_keys, scale, weights)
 
 
 def cross_image_pair_loss(student_feats: torch.Tensor, teacher_feats: torch.Tensor, *,
@@ -64,9 +130,11 @@ def cross_image_pair_loss(student_feats: torch.Tensor, teacher_feats: torch.Tens
     pair, averaged over the ``B^2`` pairs). No ``T^2`` factor, as theirs.
 
     Resolution: nearest-upsampling both maps repeats rows (the mean is unchanged) and
-    splits each distribution evenly over copies (each KL is unchanged). Cost: ``B`` rounds
-    of ``(B, N, N)`` similarities per network (64x128 map: 8192^2 per pair); ``pool``
-    averages ``pool x pool`` windows first, ``N / pool^2`` positions.
+    splits each distribution evenly over copies (each KL is unchanged). Cost: ``B^2``
+    pairs of ``N x N`` similarities per network (64x128 map: 8192^2 per pair), computed in
+    blocks by :func:`similarity_kl`; ``pool`` averages ``pool x pool`` windows first,
+    ``N / pool^2`` positions (the authors' later code pools 4x4 on maps of at least
+    256x256).
 
     Args:
         student_feats: student features.
@@ -91,13 +159,14 @@ def cross_image_pair_loss(student_feats: torch.Tensor, teacher_feats: torch.Tens
     s = F.normalize(s.flatten(2), dim=1)  # (B, C_s, N), unit vector per position
     t = F.normalize(t.flatten(2), dim=1)
     b, _, n = s.shape
+    s, t = s.transpose(1, 2), t.transpose(1, 2)  # (B, N, C): a row per position
+    weights = s.new_full((n,), 1.0 / (b * b * n))
     total = s.new_zeros(())
-    for i in range(b):  # one anchor image at a time keeps memory at (B, N, N)
-        with _full_precision(s.device):
-            sim_s = torch.matmul(s[i].T, s)  # (B, N, N): positions of i x positions of j
-            sim_t = torch.matmul(t[i].T, t)
-        total = total + _softmax_kl(sim_s / temperature, sim_t / temperature).sum()
-    return total / (b * b * n)
+    for i in range(b):  # positions of i against positions of j, one pair at a time
+        for j in range(b):
+            total = total + similarity_kl(s[i], s[j], t[i], t[j], scale=1 / temperature,
+                                          weights=weights)
+    return total
 
 
 def memory_contrast_loss(student_embed: torch.Tensor, teacher_embed: torch.Tensor,
@@ -142,15 +211,11 @@ def memory_contrast_loss(student_embed: torch.Tensor, teacher_embed: torch.Tenso
     s = F.normalize(_upcast(student_embed), dim=1)
     t = F.normalize(_upcast(teacher_embed.detach()), dim=1)
     k = keys.detach().to(s.dtype)
-    with _full_precision(s.device):
-        z_s = s @ k.T / temperature  # (P, M)
-        z_t = t @ k.T / temperature
-    kl = _softmax_kl(z_s / kd_temperature, z_t / kd_temperature)  # (P,)
     if valid is None:
-        return kl.mean() * kd_temperature ** 2
-    count = valid.sum().clamp_min(1).to(kl.dtype)
-    # where, not a product: an unlabelled row may hold anything, NaN included
-    return torch.where(valid, kl, 0.0).sum() / count * kd_temperature ** 2
+        valid = torch.ones(s.shape[0], dtype=torch.bool, device=s.device)
+    count = valid.sum().clamp_min(1).to(s.dtype)
+    weights = torch.where(valid, kd_temperature ** 2 / count, 0.0)  # (P,)
+    return similarity_kl(s, k, t, k, scale=1 / (temperature * kd_temperature), weights=weights)
 
 
 class CIRKDTerms(NamedTuple):
@@ -284,7 +349,8 @@ class CIRKDLoss(nn.Module):
     comes from the module's own generator, seeded from ``seed``, the count of training
     calls so far and the rank; that count is saved in ``state_dict`` (extra state), so a
     resumed run draws what the uninterrupted one would have. The memories start as random
-    unit vectors drawn from ``seed`` alone, the same on every rank.
+    unit vectors drawn from ``seed`` alone, the same on every rank; the trainer passes the
+    run's seed (:func:`kdnb.losses.build_losses`).
 
     Memory: ``K * (pixel_memory_size + region_memory_size) * C_t`` values in the buffers'
     dtype (float32: 428 MB at K = 19, C_t = 256 with CIRKD's sizes).

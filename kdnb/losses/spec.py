@@ -315,7 +315,8 @@ def _options(cls: type[nn.Module]) -> tuple[set[str], list[str]]:
 
 
 def build_losses(spec: Mapping[str, float | Mapping | None], *, student_channels: int,
-                 teacher_channels: int, num_classes: int) -> nn.ModuleDict:
+                 teacher_channels: int, num_classes: int, seed: int | None = None
+                 ) -> nn.ModuleDict:
     """Builds loss modules by name from a plain dict.
 
     Args:
@@ -327,6 +328,9 @@ def build_losses(spec: Mapping[str, float | Mapping | None], *, student_channels
         student_channels: ``C_s`` of the student's features.
         teacher_channels: ``C_t`` of the teacher's features.
         num_classes: number of classes ``K``.
+        seed: the run's seed, given to a loss that draws at random (one with a ``seed``
+            argument: CIRKD's memories) unless the spec sets its own; None leaves the
+            loss's default.
 
     Returns:
         An ``nn.ModuleDict`` in the order of ``spec``; each module has a float
@@ -357,6 +361,8 @@ def build_losses(spec: Mapping[str, float | Mapping | None], *, student_channels
             if key not in accepted:
                 raise ValueError(f"{name}: unknown option {key!r} for {info.loss.__name__}; "
                                  f"accepted: weight{''.join(', ' + a for a in accepted)}")
+        if seed is not None and "seed" in accepted:
+            options.setdefault("seed", seed)
         module = info.loss(**{k: context[k] for k in needs}, **options)
         module.loss_weight = float(weight)
         losses[name] = module
