@@ -45,8 +45,9 @@ import torch
 
 from kdnb.build import build_trainer
 from kdnb.checkpoint import holds_run, load_checkpoint, model_from_checkpoint
-from kdnb.compare import compare, format_table, read_run
+from kdnb.compare import compare, format_table, matched_ratio, read_run
 from kdnb.config import TrainConfig, config_hash
+from kdnb.cost import FLOPS_COUNTED, count_run_flops
 from kdnb.data import build_dataset
 from kdnb.distill import TeacherOutputs
 from kdnb.experiments import COMPARISON, VARIANTS, cache_path, student_config, teacher_config, train_or_load
@@ -57,7 +58,8 @@ from _results import append_section  # benchmarks/_results.py
 
 
 def run_one(name: str, methods: dict, seed: int, teacher: str, root: Path, quick: bool,
-            held_out: dict, changes: dict, teacher_outputs: TeacherOutputs) -> Path:
+            held_out: dict, changes: dict, teacher_outputs: TeacherOutputs,
+            count_missing: bool = False) -> Path:
     run_dir = root / f"{name}-s{seed}"
     cfg = student_config(methods, seed=seed, teacher=teacher, quick=quick,
                          **{"eval_every": 0, **changes})
@@ -68,6 +70,13 @@ def run_one(name: str, methods: dict, seed: int, teacher: str, root: Path, quick
                          f"({cfg.methods}): delete it, or give these runs another --tag")
     if (run_dir / "final.json").is_file():  # trained earlier
         model = None
+        if count_missing and not (run_dir / "cost.json").is_file():
+            # trained before kdnb wrote cost.json: its FLOPs follow from its config
+            trainer = build_trainer(cfg, run_dir, progress=False, teacher_outputs=teacher_outputs)
+            (run_dir / "cost.json").write_text(json.dumps(
+                {"steps": cfg.steps, "seconds_per_step": None, **count_run_flops(trainer),
+                 "flops_counted": FLOPS_COUNTED, "note": "counted after the run, which "
+                 "predates cost.json: no times"}, indent=2))
     else:
         trainer = build_trainer(cfg, run_dir, progress=not quick, teacher_outputs=teacher_outputs)
         trainer.fit(resume=holds_run(run_dir))
@@ -93,10 +102,11 @@ def matched_baselines(runs: dict[tuple[str, int], Path], one, seeds
                       ) -> dict[tuple[str, int], Path]:
     """``--matched-compute``: for each distinct compute ratio ``r > 1.05`` of a method over
     the baseline (``kdnb.compare``, from the runs' cost.json), the baseline trained
-    ``round(steps * r)`` steps with the same recipe, per seed, as ``baseline-x<r>-s<seed>``
+    ``steps * r`` steps (``r`` rounded up to a multiple of 0.05) with the same recipe, per
+    seed, as ``baseline-x<r>-s<seed>``
     (trained once, resumed when cut short, like every run here)."""
     rows = [read_run(run, "val", name) for (name, _), run in runs.items()]
-    needed = sorted({(round(s["ratio"], 2), s["matched_steps"]) for s in compare(rows)
+    needed = sorted({(matched_ratio(s["ratio"]), s["matched_steps"]) for s in compare(rows)
                      if s["ratio"] is not None and not s["matched_by_iterations"]})
     return {(f"baseline-x{r:.2f}", seed): one(f"baseline-x{r:.2f}", {}, seed, steps=steps)
             for r, steps in needed for seed in seeds}
@@ -281,7 +291,7 @@ def main() -> None:
 
     def one(name, methods, seed, **more):
         return run_one(name, methods, seed, teacher, root, args.quick, held_out,
-                       {**changes, **more}, shared)
+                       {**changes, **more}, shared, count_missing=args.matched_compute)
 
     if args.sweep:
         name, weights = parse_sweep(args.sweep, methods)

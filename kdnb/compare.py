@@ -9,13 +9,14 @@ init and data order). The share of the teacher-student gap recovered,
 
 Matched compute (docs/METHODS.md, "Matched compute"): from the runs' ``cost.json``
 (:mod:`kdnb.cost`), a method's compute ratio ``r`` over the baseline, and its gain over
-the baseline trained ``round(steps * r)`` steps with the same recipe (the iteration-matched
-one where ``r <= 1.05``). The table says how to train a compute-matched baseline that is
+the baseline trained ``steps * r`` steps (``r`` rounded up to a multiple of 0.05) with the
+same recipe (the iteration-matched one where ``r <= 1.05``). The table says how to train a compute-matched baseline that is
 missing.
 """
 from __future__ import annotations
 
 import json
+import math
 import statistics
 from collections import defaultdict
 from pathlib import Path
@@ -77,10 +78,21 @@ def compute_per_step(cost: dict, steps: int | None = None) -> float | None:
 SAME_COMPUTE = 1.05
 
 
+#: The compute-matched baseline's ratio is ``r`` rounded *up* to a multiple of this: the
+#: baseline never gets less compute than the method, and methods of about the same cost
+#: (1.11 and 1.12) share one baseline.
+RATIO_STEP = 0.05
+
+
+def matched_ratio(ratio: float) -> float:
+    """``ratio`` rounded up to a multiple of :data:`RATIO_STEP` (the benchmark names its
+    runs by it: ``baseline-x1.15-s0``)."""
+    return round(math.ceil(ratio / RATIO_STEP - 1e-9) * RATIO_STEP, 2)
+
+
 def matched_steps(steps: int, ratio: float) -> int:
-    """The steps of the compute-matched baseline: ``steps * r``, ``r`` rounded to 2
-    decimals (the benchmark names its runs by that ``r``: ``baseline-x1.50-s0``)."""
-    return round(steps * round(ratio, 2))
+    """The steps of the compute-matched baseline: ``steps * matched_ratio(r)``."""
+    return round(steps * matched_ratio(ratio))
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -201,8 +213,8 @@ def _matched_notes(summaries: list[dict]) -> list[str]:
     iteration-matched baseline serves, and the commands that train missing baselines."""
     notes = ["r: compute per step over the baseline's (FLOPs of matrix products and "
              "convolutions; the teacher's forward when it runs each step, its cached outputs "
-             "spread over the steps); the compute-matched baseline trains round(steps * r) "
-             "steps with the same recipe (docs/METHODS.md, \"Matched compute\")."]
+             "spread over the steps); the compute-matched baseline trains steps * r steps, r "
+             f"rounded up to a multiple of {RATIO_STEP}, with the same recipe (docs/METHODS.md, \"Matched compute\")."]
     if any(s.get("matched_by_iterations") for s in summaries):
         notes.append(f"*: r <= {SAME_COMPUTE}, below what the FLOP count resolves (it leaves "
                      "out elementwise work): the iteration-matched baseline is the "
@@ -215,10 +227,10 @@ def _matched_notes(summaries: list[dict]) -> list[str]:
     missing: dict[tuple, list[str]] = defaultdict(list)
     for s in summaries:
         if s.get("matched_missing") is not None:
-            missing[(s["matched_steps"], round(s["ratio"], 2), tuple(s["matched_missing"]))].append(
+            missing[(s["matched_steps"], matched_ratio(s["ratio"]), tuple(s["matched_missing"]))].append(
                 s["methods"])
     for (steps, ratio, runs), methods in missing.items():
-        notes.append(f"No compute-matched baseline for {', '.join(methods)} (r = {ratio:.2f}): "
+        notes.append(f"No compute-matched baseline for {', '.join(methods)} (r up to {ratio:.2f}): "
                      f"train the baseline {steps} steps, then add its run directories"
                      + (":" if runs else " (no baseline run of these steps to start from)."))
         for run in map(Path, runs):  # the same recipe and seed, longer

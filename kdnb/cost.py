@@ -100,6 +100,16 @@ def step_flops(trainer, batch) -> dict:
     return {"step": flops, "teacher": teacher_flops, "images": images.shape[0]}
 
 
+def count_run_flops(trainer) -> dict:
+    """The FLOP entries of ``cost.json`` for ``trainer``'s run, counted on the first batch
+    of its loader as :class:`RunCost` counts them before a first step: for a run trained
+    before kdnb wrote ``cost.json`` (the FLOPs depend on the config alone; its times are
+    lost)."""
+    batch = next(iter(trainer.loader()))
+    return RunCost(trainer.device, world=trainer.world)._flop_figures(
+        step_flops(trainer, batch), cache_size(trainer.teacher_cache))
+
+
 class RunCost:
     """The cost of one run, accumulated over the processes that trained it.
 

@@ -65,8 +65,8 @@ def test_synth_distill_quick_runs_every_method_and_resumes(tmp_path):
 
 
 def test_synth_distill_matched_compute_trains_longer_baselines_once(tmp_path):
-    """--matched-compute: after the methods, the baseline trained round(steps * r) steps for
-    each distinct compute ratio (here the cached teacher's pool, spread over 12 steps); the
+    """--matched-compute: after the methods, the baseline trained steps * r steps (r rounded
+    up to a multiple of 0.05) for each distinct compute ratio (here the cached teacher's pool, spread over 12 steps); the
     tables gain the compute-matched gain, and a rerun trains nothing again."""
     import json
 
@@ -94,6 +94,14 @@ def test_synth_distill_matched_compute_trains_longer_baselines_once(tmp_path):
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert {p: p.stat().st_mtime for p in stamps} == stamps  # nothing was trained again
+    # a run from before cost.json: its FLOPs are counted again from its config, untrained
+    (runs / "kd-s0" / "cost.json").unlink()
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    counted = json.loads((runs / "kd-s0" / "cost.json").read_text())
+    assert counted["flops_per_step"] == cost["flops_per_step"] and counted["seconds_per_step"] is None
+    assert counted["teacher_cache_flops"] == cost["teacher_cache_flops"]
+    assert {p: p.stat().st_mtime for p in stamps} == stamps
     proc = subprocess.run(cmd[:-4] + ["kd", "--matched-compute"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0 and "keep baseline among --methods" in proc.stderr
