@@ -20,10 +20,10 @@ from torch import nn
 
 from .checkpoint import CheckpointError, load_checkpoint, model_from_record
 from .config import TrainConfig
-from .data import build_dataset, dataset_info, validate_dataset
+from .data import build_dataset, check_dataset_options, dataset_info, validate_dataset
 from .distill import TeacherOutputs, build_distill_losses
 from .losses.spec import method_problems, resolve_methods, split_layers
-from .models import build_model, get_preset
+from .models import build_model, check_model_options, get_preset
 from .optim import build_optimizer, build_scheduler
 from .pretrain import load_encoder
 from .runtime import init_distributed, resolve_device, seed_everything
@@ -74,6 +74,66 @@ def check_fixed_pool(train_set) -> None:
                          "random scale or crop (SynthScenes: --no-flip), or turn the cache off")
 
 
+def smallest_eval_batch(n: int, batch_size: int, world: int = 1) -> int:
+    """The fewest images :func:`kdnb.metrics.evaluate` puts in one batch: the last batch of
+    the smallest non-empty shard."""
+    shards = [len(range(rank, n, world)) for rank in range(world)]
+    return min((k % batch_size) or batch_size for k in shards if k) if n else batch_size
+
+
+def _forward_error(model: nn.Module, size: tuple[int, int], batch: int, device) -> Exception | None:
+    """What one eval-mode forward pass of ``batch`` blank images of ``size`` raises, or None."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(batch, 3, *size, device=device))
+    except (RuntimeError, ValueError) as err:
+        return err
+    finally:
+        model.train(was_training)
+    return None
+
+
+def check_eval_sizes(model: nn.Module, sizes: dict[tuple[int, int], str], *, batch: int,
+                     device, split: str) -> None:
+    """Evaluates blank images of the evaluation set's hardest size once, at start-up, so an
+    image the model cannot take fails now instead of at the first evaluation, after the
+    training.
+
+    The hardest size is the one with the fewest pixels once padded to the model's stride
+    (at stride 32 a 32x32 image reaches the deepest layers as one pixel, which GroupNorm
+    refuses in a batch of one); ``batch`` is the smallest batch evaluation forms
+    (:func:`smallest_eval_batch`). The forward pass runs in eval mode without gradients:
+    no weight, statistic or random stream changes.
+
+    Raises:
+        ValueError: naming the file, its size, the size the model needs and the fix.
+    """
+    if not sizes:
+        return
+    stride = getattr(model, "stride", 1)
+
+    def padded(hw):
+        return -(-hw[0] // stride) * -(-hw[1] // stride)
+
+    (h, w), where = min(sizes.items(), key=lambda item: (padded(item[0]), item[0]))
+    err = _forward_error(model, (h, w), batch, device)
+    if err is None:
+        return
+    sides = [k * stride + 1 for k in range(1, 9)]  # each the smallest of its padded size
+    need = next((side for side in sides
+                 if _forward_error(model, (max(h, side), max(w, side)), batch, device) is None),
+                None)
+    takes = (f"it takes images of {need}x{need} pixels" if need is not None
+             else f"no size up to {sides[-1]}x{sides[-1]} worked either")
+    preset = getattr(model, "preset", type(model).__name__)
+    reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+    raise ValueError(f"{preset} cannot evaluate the {split} images: the smallest, {where} "
+                     f"({h}x{w}, {batch} at a time), fails in the forward pass ({reason}); "
+                     f"{takes}: use larger images (resize the dataset) or another --model")
+
+
 def build_trainer(cfg: TrainConfig, run_dir: str | Path, *, model: nn.Module | None = None,
                   teacher: nn.Module | None = None, train_set=None, eval_set=None,
                   callbacks: list[Callback] | None = None, progress: bool = True,
@@ -105,6 +165,11 @@ def build_trainer(cfg: TrainConfig, run_dir: str | Path, *, model: nn.Module | N
     problems = method_problems(cfg.methods)  # again: a config may change after it is built
     if problems:
         raise ValueError("; ".join(problems))
+    # A misspelt option would otherwise train with its default and be recorded as used.
+    if model is None:
+        check_model_options(cfg.model, cfg.model_kwargs)
+    if train_set is None or eval_set is None:
+        check_dataset_options(cfg.data, cfg.data_kwargs)
     if teacher is not None and not cfg.teacher:
         raise ValueError("a teacher given in memory needs cfg.teacher set (a label such as "
                          "'(in memory)'): without it the run trains on the labels alone")
@@ -147,7 +212,7 @@ def build_trainer(cfg: TrainConfig, run_dir: str | Path, *, model: nn.Module | N
     # Damaged files, bad labels or a crop that padding would fill fail here, before
     # models are built or a step runs, not hours into the run.
     validate_dataset(train_set)
-    validate_dataset(eval_set)
+    eval_sizes = validate_dataset(eval_set)
     if cfg.cache_teacher and cfg.teacher:
         check_fixed_pool(train_set)
     channels_last = device.type == "cuda" and cfg.channels_last
@@ -182,6 +247,10 @@ def build_trainer(cfg: TrainConfig, run_dir: str | Path, *, model: nn.Module | N
             cache = (teacher_outputs or TeacherOutputs()).get(
                 teacher, pool, losses.stages, key=key, device=device, amp=amp)
     optimizer = build_optimizer(trainable, cfg)
+    # Last, after every random draw of the set-up: an image size the model cannot evaluate
+    # fails now, not at the first evaluation after hours of training.
+    check_eval_sizes(model, eval_sizes, device=device, split=cfg.eval_split,
+                     batch=smallest_eval_batch(len(eval_set), cfg.eval_batch_size, world))
     return trainer_class(cfg, run_dir, model=model, train_set=train_set, eval_set=eval_set,
                          optimizer=optimizer, scheduler=build_scheduler(optimizer, cfg),
                          device=device, teacher=teacher, losses=losses, teacher_cache=cache,

@@ -15,9 +15,12 @@ Introduced in notebooks/05_real_datasets_at_scale.ipynb.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import os
+import shutil
 import warnings
 from pathlib import Path
 from typing import Callable
@@ -25,8 +28,8 @@ from typing import Callable
 import torch
 
 from . import __version__
-from .config import TrainConfig
-from .models import SegModel, build_model
+from .config import TrainConfig, json_kind, read_json_object
+from .models import PRESETS, SegModel, build_model
 
 
 class CheckpointError(RuntimeError):
@@ -36,6 +39,84 @@ class CheckpointError(RuntimeError):
 
 class CheckpointWarning(UserWarning):
     """A checkpoint was skipped on resume (the message names it and why)."""
+
+
+class RunWriteError(OSError):
+    """A file of a run could not be written: the disk is full, over quota or read-only. The
+    message names the file, the free space and what to do; nothing was left half-written."""
+
+
+_NOT_WRITABLE = ("permission denied: this user may not write there", "make the run directory "
+                 "writable (chmod -R u+w {folder}), or copy it elsewhere and continue there "
+                 "with --run-dir ... --resume")
+#: errno -> what it means for a write, and what to do
+_WRITE_ERRNOS = {
+    errno.ENOSPC: ("the disk is full", "free space there (old runs, checkpoints), or move the "
+                   "run directory to a larger disk, then continue with --resume"),
+    errno.EDQUOT: ("the disk quota is used up", "free space within the quota, or move the run "
+                   "directory to another disk, then continue with --resume"),
+    errno.EROFS: ("the filesystem is read-only", "remount it writable, or copy the run "
+                  "directory to a writable disk and continue there with --run-dir ... --resume"),
+    errno.EACCES: _NOT_WRITABLE,
+    errno.EPERM: _NOT_WRITABLE,
+}
+
+
+def _free_space(folder: Path) -> str:
+    """The free space on the disk that holds ``folder`` (or its nearest existing parent)."""
+    for where in (folder, *folder.parents):
+        try:
+            usage = shutil.disk_usage(where)
+        except OSError:
+            continue
+        free = (f"{usage.free / 2 ** 30:,.1f} GiB" if usage.free >= 2 ** 30
+                else f"{usage.free / 2 ** 20:,.1f} MiB")
+        return f"{free} free of {usage.total / 2 ** 30:,.1f} GiB"
+    return "free space unknown"
+
+
+def write_failure(err: BaseException, path: Path) -> RunWriteError | None:
+    """``err``, raised while writing ``path``, as a :class:`RunWriteError` when the disk is
+    full, over quota or read-only; None for any other error.
+
+    torch reports a write that failed inside ``torch.save`` as a RuntimeError
+    (``[enforce fail at inline_container.cc:...] . unexpected pos ...``) with the OSError
+    as its context: both count.
+    """
+    path = Path(path)
+    cause, code, torch_stopped = err, None, False
+    while cause is not None and code is None:
+        if isinstance(cause, OSError) and cause.errno in _WRITE_ERRNOS:
+            code = cause.errno
+        torch_stopped |= isinstance(cause, RuntimeError) and "inline_container" in str(cause)
+        cause = cause.__cause__ or cause.__context__
+    if code is None and not torch_stopped:
+        return None
+    folder = path.parent
+    if code is None:  # torch saw a short write and no OSError says why: most often a full disk
+        what, fix = (f"torch stopped mid-file ({str(err).splitlines()[0]}), which a full disk "
+                     "causes"), _WRITE_ERRNOS[errno.ENOSPC][1]
+    else:
+        what, fix = _WRITE_ERRNOS[code]
+    failure = RunWriteError(f"cannot write {path}: {what} ({_free_space(folder)} there); nothing "
+                            f"was left half-written. What to do: {fix.format(folder=folder)}")
+    failure.errno = code
+    return failure
+
+
+@contextlib.contextmanager
+def writing(path: Path):
+    """Turns a disk-full or read-only error raised inside the block into a
+    :class:`RunWriteError` naming ``path`` (:func:`write_failure`); others pass unchanged."""
+    try:
+        yield
+    except RunWriteError:
+        raise
+    except (OSError, RuntimeError) as err:
+        failure = write_failure(err, path)
+        if failure is None:
+            raise
+        raise failure from err
 
 
 def manifest_path(path: Path) -> Path:
@@ -75,11 +156,12 @@ def _write_durably(path: Path, write: Callable) -> None:
     renames it over ``path``: a reader sees the old file or the new one, never half."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with open(tmp, "wb") as fh:
+        with writing(path), open(tmp, "wb") as fh:
             write(fh)
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        with writing(path):
+            os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -87,7 +169,30 @@ def _write_durably(path: Path, write: Callable) -> None:
 
 def atomic_save_json(obj, path: Path) -> None:
     """Writes JSON durably: a temporary file, fsynced, renamed over ``path``."""
-    _write_durably(Path(path), lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
+    atomic_write_bytes((json.dumps(obj, indent=2) + "\n").encode(), path)
+
+
+def atomic_write_bytes(data: bytes, path: Path) -> None:
+    """Writes ``data`` durably: a temporary file, fsynced, renamed over ``path``."""
+    _write_durably(Path(path), lambda f: f.write(data))
+
+
+def append_line(path: Path, line: str) -> None:
+    """Appends one line to a log whole or not at all: a write that fails (a full disk,
+    Ctrl-C) is cut back off, so the log never ends in half a line this process wrote."""
+    data = memoryview(line.encode())
+    with writing(path):
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+        try:
+            start = os.fstat(fd).st_size
+            try:
+                while data:  # a full disk may take part of the line before it refuses
+                    data = data[os.write(fd, data):]
+            except BaseException:
+                os.ftruncate(fd, start)
+                raise
+        finally:
+            os.close(fd)
 
 
 def atomic_save(obj, path: Path) -> str:
@@ -105,7 +210,7 @@ def atomic_save(obj, path: Path) -> str:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with open(tmp, "wb") as fh:
+        with writing(path), open(tmp, "wb") as fh:
             writer = _HashingWriter(fh)
             torch.save(obj, writer)
             fh.flush()
@@ -113,7 +218,8 @@ def atomic_save(obj, path: Path) -> str:
         digest = writer.sha256.hexdigest()
         atomic_save_json({"file": path.name, "bytes": writer.nbytes, "sha256": digest,
                           "kdnb_version": __version__}, manifest_path(path))
-        os.replace(tmp, path)
+        with writing(path):
+            os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -227,6 +333,16 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
         raise CheckpointError(f"checkpoint {path} was written by kdnb {ckpt['kdnb_version']}, "
                               f"newer than this kdnb {__version__}: upgrade kdnb (pip install -U "
                               "kdnb) or use a checkpoint written by this version")
+    preset, classes = ckpt["preset"], ckpt["num_classes"]
+    if not isinstance(preset, str) or preset not in PRESETS:
+        raise CheckpointError(f"checkpoint {path} holds unknown model preset {preset!r} (this "
+                              f"kdnb knows {', '.join(sorted(PRESETS))}): it was edited or "
+                              "written by another kdnb; pass a checkpoint of a preset that "
+                              "`kdnb presets` lists")
+    if not isinstance(classes, int) or isinstance(classes, bool) or classes < 2:
+        raise CheckpointError(f"checkpoint {path} records num_classes={classes!r} "
+                              f"({json_kind(classes)}), not an integer >= 2: it was edited or not "
+                              "written by kdnb; pass a checkpoint written by kdnb")
     return ckpt
 
 
@@ -339,11 +455,8 @@ def saved_config(path: Path) -> dict | None:
     path = Path(path)
     if not path.is_file():
         return None
-    try:
-        saved = json.loads(path.read_text())
-    except ValueError as err:
-        raise ValueError(f"{path} is not valid JSON ({err}): restore it, or use a new "
-                         "--run-dir") from err
+    saved = read_json_object(path, "the run's config", "delete it (--resume restores it from "
+                             "the newest checkpoint) or use a new --run-dir")
     return {**TrainConfig().to_json(), **saved}
 
 

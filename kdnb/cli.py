@@ -12,7 +12,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from .config import RECIPES, TrainConfig, get_recipe
+from .config import RECIPES, TrainConfig, get_recipe, read_json_object
 from .losses.spec import parse_methods, parse_value
 
 
@@ -73,8 +73,8 @@ def config_from_args(args) -> TrainConfig:
         path = Path(args.config)
         if not path.is_file():
             raise FileNotFoundError(f"config {path} does not exist (configs/ holds the recipes)")
-        cfg = TrainConfig.from_dict({k: v for k, v in json.loads(path.read_text()).items()
-                                     if not k.startswith("_")})
+        saved = read_json_object(path, "config", "fix it, or start from one in configs/")
+        cfg = TrainConfig.from_dict({k: v for k, v in saved.items() if not k.startswith("_")})
     else:
         cfg = get_recipe(args.recipe) if args.recipe else TrainConfig()
     mapping = {"model": "model", "data": "data", "root": "root", "steps": "steps",
@@ -318,6 +318,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"kdnb {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as err:  # Ctrl-C: the trainer's message says how to go on
+        if os.environ.get("KDNB_DEBUG"):
+            raise
+        print(f"kdnb {args.command}: {err or 'interrupted'}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

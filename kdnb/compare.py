@@ -21,6 +21,7 @@ import statistics
 from collections import defaultdict
 from pathlib import Path
 
+from .config import read_json_object
 from .losses.spec import method_label
 
 
@@ -38,17 +39,21 @@ def read_run(run_dir: str | Path, split: str = "val", label: str | None = None) 
     config_path = run_dir / "config.json"
     if not config_path.is_file():
         raise FileNotFoundError(f"{run_dir} is not a kdnb run directory (no config.json)")
-    cfg = json.loads(config_path.read_text())
+    cfg = read_json_object(config_path, "the run's config", "delete it and run kdnb train ... "
+                           "--resume (which restores it from the newest checkpoint), or leave the "
+                           "run out")
     # The latest evaluation of the split wins: a run retrained after `kdnb eval` wrote
     # <split>.json ends with a newer final.json.
     scores = [f for f in (run_dir / f"{split}.json", run_dir / "final.json") if f.is_file()]
-    scores = [(f.stat().st_mtime, json.loads(f.read_text())) for f in scores]
+    score = (f"kdnb eval --ckpt {run_dir / 'model.pt'} --split {split} --json "
+             f"{run_dir / (split + '.json')}")
+    scores = [(f.stat().st_mtime, read_json_object(
+        f, "the result", f"delete it and score the run again ({score}), or leave the run out"))
+        for f in scores]
     scores = [(t, r) for t, r in scores if r.get("split", split) == split]
     result = max(scores, key=lambda s: s[0])[1] if scores else None
     if result is None:
-        raise FileNotFoundError(f"{run_dir} has no {split} result: run `kdnb eval --ckpt "
-                                f"{run_dir / 'model.pt'} --split {split} --json "
-                                f"{run_dir / (split + '.json')}` first")
+        raise FileNotFoundError(f"{run_dir} has no {split} result: run `{score}` first")
     methods = label or method_label(cfg.get("methods") or {})
     cost_path = run_dir / "cost.json"
     try:

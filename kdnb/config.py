@@ -66,6 +66,10 @@ class TrainConfig:
                                       # per step) instead of stopping the run at the first one
 
     def __post_init__(self):
+        wrong = [f"{k}={getattr(self, k)!r} ({need})" for k, need in self._type_problems()]
+        if wrong:  # before the range checks, which compare numbers
+            raise ValueError(f"config values of the wrong type: {', '.join(wrong)}: change them "
+                             "in the config file or on the command line")
         if self.crop_size is not None:
             self.crop_size = tuple(self.crop_size)
         if self.scale_range is not None:
@@ -93,6 +97,28 @@ class TrainConfig:
                                                           for v in self.methods.values()):
             raise ValueError("task_weight=0 and no distillation loss with a weight > 0: nothing "
                              "would train; give the task or a method a weight > 0")
+
+    def _type_problems(self) -> list[tuple[str, str]]:
+        """(field, what it must be) for every field whose value has the wrong type (a JSON
+        config can hold ``"steps": "30"``, ``[30]`` or ``2.5``)."""
+        problems = []
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            hint = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+            kinds = [k.strip() for k in hint.split("|")]  # "tuple[int, int] | None"
+            kind = kinds[0].partition("[")[0]
+            if (value is None and "None" in kinds) or kind not in _TYPES:
+                continue
+            types = _TYPES[kind][0]
+            if not isinstance(value, types) or (kind != "bool" and isinstance(value, bool)):
+                need = _TYPES[kind][1] + (", or null" if "None" in kinds else "")
+                if isinstance(value, str) and kind in ("int", "float") and _is_number(value):
+                    need += f": write {value.strip()} without quotes"
+                elif kind == "int" and isinstance(value, float) and math.isfinite(value):
+                    need += (f": write {int(value)}" if value.is_integer()
+                             else f" such as {math.floor(value)} or {math.ceil(value)}")
+                problems.append((f.name, f"{json_kind(value)}; must be {need}"))
+        return problems
 
     def _range_problems(self) -> list[tuple[str, str]]:
         """(field, what it must be) for every field out of range."""
@@ -149,6 +175,44 @@ class TrainConfig:
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_json(), indent=2) + "\n")
+
+
+#: annotation -> (the Python types a value may have, what the message calls it)
+_TYPES = {"int": (int, "an integer"), "float": ((int, float), "a number"),
+          "bool": (bool, "true or false"), "str": (str, "a string"),
+          "dict": (dict, "an object of options"), "tuple": ((tuple, list), "a pair [a, b]")}
+
+
+def read_json_object(path: str | Path, what: str, fix: str) -> dict:
+    """A JSON file that must hold an object (a config, a result); an error names the file,
+    what is wrong with it (not JSON, cut short, a list...) and ``fix``."""
+    path = Path(path)
+    try:
+        value = json.loads(path.read_text())
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{what} {path} is not a text file ({err.reason}): {fix}") from None
+    except ValueError as err:
+        raise ValueError(f"{what} {path} is not valid JSON ({err}; cut short or edited?): "
+                         f"{fix}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{what} {path} holds {json_kind(value)}, not an object {{...}}: {fix}")
+    return value
+
+
+def _is_number(text: str) -> bool:
+    try:
+        return math.isfinite(float(text))
+    except ValueError:
+        return False
+
+
+def json_kind(value) -> str:
+    """What JSON calls a value's type, for messages: ``[30]`` -> "a list"."""
+    for types, name in ((bool, "true or false"), (str, "a string"), ((int, float), "a number"),
+                        ((list, tuple), "a list"), (dict, "an object")):
+        if isinstance(value, types):
+            return name
+    return "null" if value is None else f"a {type(value).__name__}"
 
 
 def settings_key(settings: dict) -> str:

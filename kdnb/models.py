@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .options import check_options, keyword_parameters
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -161,6 +163,30 @@ def get_preset(name: str) -> Preset:
     except KeyError:
         raise ValueError(f"unknown model preset {name!r}; choose one of: "
                          f"{', '.join(available_presets())}") from None
+
+
+#: smp keywords kdnb sets itself, with what sets them (never a --model-arg).
+SET_BY_KDNB = {"encoder_name": "the preset's encoder", "encoder_weights": "--encoder-weights",
+               "classes": "the dataset's class count", "in_channels": "RGB images, 3",
+               "activation": "losses read logits", "aux_params": "no auxiliary head is trained"}
+
+
+def check_model_options(preset: str, options: dict) -> None:
+    """Refuses model options (``--model-arg``, ``model_kwargs``) that the preset's smp class
+    does not take, or of the wrong type, listing the valid names.
+
+    smp hands unknown keywords to the encoder, which ignores them (only timm's ``tu-``
+    encoders read them), so a misspelt option would otherwise train with its default.
+    """
+    spec = get_preset(preset)
+    cls = getattr(smp, spec.arch)
+    accepted = {name: (hint, spec.kwargs.get(name, default))  # the preset's own values
+                for name, (hint, default) in keyword_parameters(cls.__init__,
+                                                                skip=tuple(SET_BY_KDNB)).items()}
+    if spec.encoder.startswith("tu-"):  # timm encoders take options of their own
+        options = {k: v for k, v in options.items() if k in accepted or k in SET_BY_KDNB}
+    check_options(options, accepted, what=f"model {preset} (smp {spec.arch})",
+                  flag="--model-arg", fixed=SET_BY_KDNB)
 
 
 def build_model(preset: str, num_classes: int, *, encoder_weights: str | None = None,

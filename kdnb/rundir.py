@@ -24,7 +24,7 @@ import time
 import warnings
 from pathlib import Path
 
-from .checkpoint import file_sha256
+from .checkpoint import file_sha256, writing
 
 try:
     import fcntl
@@ -32,10 +32,38 @@ except ImportError:  # not POSIX (Windows): runs go unlocked
     fcntl = None
 from .config import TrainConfig
 
-__all__ = ["RunLock", "RunLockedError", "input_digests", "input_differences"]
+__all__ = ["RunLock", "RunLockedError", "check_run_dir", "input_digests", "input_differences"]
 
 #: Config fields that name a file a run depends on (hashed into its checkpoints).
 INPUT_FILES = ("teacher", "encoder_init")
+
+
+def check_run_dir(run_dir: str | Path) -> None:
+    """Refuses a run directory that is not, and cannot become, a folder: a file, a symlink
+    to itself (or in a loop), a symlink to nothing, a path through a file.
+
+    Raises:
+        FileExistsError: naming the path, what it is and the fix.
+    """
+    path = Path(run_dir)
+    for where in (*reversed(path.parents), path):
+        said = (f"the run directory {path}" if where == path
+                else f"the run directory {path} cannot be created: {where}")
+        try:
+            where.stat()
+        except FileNotFoundError:
+            if where.is_symlink():
+                raise FileExistsError(f"{said} is a symlink to {os.readlink(where)}, which does "
+                                      f"not exist: remove the link (rm {where}) or choose "
+                                      "another --run-dir") from None
+            return  # the rest is created by the run
+        except OSError as err:  # ELOOP: a symlink to itself, or a loop of them
+            raise FileExistsError(f"{said} is a symlink loop ({err.strerror}; it points to "
+                                  f"{os.readlink(where)}): remove the link (rm {where}) or "
+                                  "choose another --run-dir") from None
+        if not where.is_dir():
+            raise FileExistsError(f"{said} is a file, not a folder: move the file away or "
+                                  "choose another --run-dir")
 
 
 class RunLockedError(RuntimeError):
@@ -66,7 +94,8 @@ class RunLock:
             warnings.warn("no file locks on this platform: start one process per run directory")
             return self
         while True:
-            fh = open(self.path, "a+")
+            with writing(self.path):  # a read-only run directory says so, with the fix
+                fh = open(self.path, "a+")
             try:
                 fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:

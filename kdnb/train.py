@@ -14,11 +14,20 @@ a run resumed from a checkpoint at step k continues exactly as if it had never s
 A run directory holds ``config.json``, ``metrics.jsonl`` (one JSON record per line),
 checkpoints ``ckpt-<step>.pt``, ``final.json``, ``cost.json`` (seconds and FLOPs per step,
 peak memory: :mod:`kdnb.cost`) and ``model.pt`` (:mod:`kdnb.checkpoint` writes them
-atomically, with manifests). A NaN or Inf loss stops the run before anything
-from that step is written (``skip_nonfinite`` skips such steps instead). One process at a
-time trains in a run directory (:class:`kdnb.rundir.RunLock`), and a checkpoint resumes
-only under the config stored in it and with the teacher and pretext encoder files it
-was trained with (their SHA-256 travel in every checkpoint).
+atomically, with manifests; a log line is appended whole or not at all). A
+NaN or Inf loss stops the run before anything from that step is written
+(``skip_nonfinite`` skips such steps instead). One process at a time trains in a run
+directory (:class:`kdnb.rundir.RunLock`), and a checkpoint resumes only under the config
+stored in it and with the teacher and pretext encoder files it was trained with (their
+SHA-256 travel in every checkpoint).
+
+The log resumes as exactly as the weights. Every checkpoint carries the partial loss
+sums of the next log line (:class:`LossMeans`), so a run stopped between two log lines
+(a ``log_every`` that does not divide ``ckpt_every``) logs the losses an uninterrupted run
+logs; and it carries a copy of ``metrics.jsonl`` up to its step, so a resume cuts the log
+back at a line boundary and rebuilds a log that was deleted, emptied or damaged since,
+with a warning naming the file. Ctrl-C ends :meth:`Trainer.fit` with
+:class:`RunInterrupted`, which names the step and says to ``--resume``.
 
 Introduced in notebooks/00_setup_and_data.ipynb.
 """
@@ -39,15 +48,15 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from . import __version__
-from .checkpoint import (atomic_save, atomic_save_json, checkpoint_paths, config_differences,
-                         holds_run, load_newest_good, remove_stale_files, save_checkpoint,
-                         saved_config)
+from .checkpoint import (append_line, atomic_save, atomic_save_json, atomic_write_bytes,
+                         checkpoint_paths, config_differences, holds_run, load_newest_good,
+                         remove_stale_files, save_checkpoint, saved_config, writing)
 from .config import TrainConfig
 from .cost import RunCost
 from .data.sampler import Indexed, StepSampler, collate
 from .distill import DistillLosses, distill_step, task_loss
 from .metrics import evaluate
-from .rundir import RunLock, RunLockedError, input_digests, input_differences
+from .rundir import RunLock, RunLockedError, check_run_dir, input_digests, input_differences
 from .runtime import autocast, average_gradients, rng_state, seed_everything, set_rng_state
 
 Callback = Callable[[dict], None]
@@ -55,6 +64,55 @@ Callback = Callable[[dict], None]
 
 class NonFiniteLossError(FloatingPointError):
     """A loss became NaN or Inf; the message names the step, the loss terms and the fix."""
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) stopped :meth:`Trainer.fit`; the message names the step reached and
+    how to continue (``--resume``). A KeyboardInterrupt, so notebooks stop as they did."""
+
+
+class LossMeans:
+    """The running sums behind the next train log line: each loss term summed on the
+    device (no host sync per step), the steps counted and skipped, the seconds they took.
+
+    They travel in every checkpoint (:meth:`state_dict`), so a run resumed between two
+    log lines logs the means an uninterrupted run logs, for any ``log_every`` and
+    ``ckpt_every``.
+    """
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.count, self.skipped, self._before = 0, 0, 0.0
+        self.restart_clock()
+
+    def restart_clock(self) -> None:
+        self._since = time.perf_counter()
+
+    @property
+    def seconds(self) -> float:
+        return self._before + time.perf_counter() - self._since
+
+    def add(self, losses: dict[str, torch.Tensor] | None) -> None:
+        """One step's detached losses, or None for a skipped step."""
+        self.count += 1
+        if losses is None:
+            self.skipped += 1
+            return
+        for k, v in losses.items():  # summed on the device: no sync per step
+            self.sums[k] = self.sums[k] + v if k in self.sums else v.clone()
+
+    def state_dict(self) -> dict:
+        return {"sums": dict(self.sums), "count": self.count, "skipped": self.skipped,
+                "seconds": self.seconds}
+
+    def load_state_dict(self, state: dict, device: torch.device) -> None:
+        self.reset()
+        self.sums = {k: v.to(device) for k, v in state["sums"].items()}
+        self.count, self.skipped = int(state["count"]), int(state["skipped"])
+        self._before = float(state["seconds"])
 
 
 def supervised_step(model: nn.Module, images: torch.Tensor, masks: torch.Tensor, *,
@@ -121,6 +179,8 @@ class Trainer:
         self.inputs: dict[str, str] = {}  # set by fit: digests of the files the run depends on
         #: what the run costs (cost.json): the loop timed, the FLOPs counted before its first step
         self.cost = RunCost(device, world=world, count_flops=cfg.count_flops)
+        self.loss_means = LossMeans()  # the sums behind the next train log line
+        self.log_lines: list[str] = []  # metrics.jsonl as this run wrote it (rank 0)
 
     @property
     def layers(self) -> dict[str, int | None]:
@@ -201,15 +261,35 @@ class Trainer:
 
         Raises:
             NonFiniteLossError: a loss became NaN or Inf (unless ``skip_nonfinite``).
+            RunInterrupted: Ctrl-C; the message names the step and says to ``--resume``.
+            RunWriteError: the disk is full or the run directory read-only (nothing is
+                left half-written).
+            FileExistsError: the run directory is a file, or a symlink loop.
         """
+        check_run_dir(self.run_dir)
         if resume and not holds_run(self.run_dir):
             raise FileNotFoundError(f"--resume: {self.run_dir} holds no run (no config.json, no "
                                     "checkpoint): check the path, or leave out --resume to "
                                     "start a new run there")
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        with writing(self.run_dir):
+            self.run_dir.mkdir(parents=True, exist_ok=True)
         with self._lock():
-            self._start(resume)
-            return self._train()
+            try:
+                self._start(resume)
+                return self._train()
+            except RunInterrupted:
+                raise
+            except KeyboardInterrupt:
+                raise RunInterrupted(self._interrupted()) from None
+
+    def _interrupted(self) -> str:
+        """What Ctrl-C says: the step reached and how to go on."""
+        newest = self.last_checkpoint or next(iter(checkpoint_paths(self.run_dir)), None)
+        if newest is not None:
+            since = f"from {newest.name}, the newest checkpoint; the steps after it run again"
+        else:
+            since = "no checkpoint was written yet: it starts again from step 0"
+        return f"interrupted at step {self.step}; continue with --resume ({since})"
 
     @contextlib.contextmanager
     def _lock(self):
@@ -244,39 +324,36 @@ class Trainer:
             bar = tqdm(total=cfg.steps, initial=self.step, desc=f"train {cfg.model}",
                        dynamic_ncols=True)
         self.train_mode()
-        sums: dict[str, torch.Tensor] = {}
-        count, skipped, t0 = 0, 0, time.perf_counter()
-        for batch in loader:
-            with self.cost.step(self, batch):
-                losses = self.run_step(*batch)
-            count += 1
-            if losses is None:
-                skipped += 1
-            else:
-                for k, v in losses.items():  # summed on the device: no sync per step
-                    sums[k] = sums[k] + v if k in sums else v.clone()
-            if bar is not None:
-                bar.update(1)
-            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
-                self.check_finite()
-                record = self._train_record(sums, count, skipped, t0)
-                self.emit(record)
-                if bar is not None and "loss" in record:
-                    bar.set_postfix(loss=f"{record['loss']:.3f}")
-                sums, count, skipped, t0 = {}, 0, 0, time.perf_counter()
-            last = self.step == cfg.steps
-            if cfg.eval_every and self.step % cfg.eval_every == 0 and not last:
-                with self.cost.paused():  # evaluations and checkpoints are not step time
+        means = self.loss_means  # on resume, the sums since the last log line before the stop
+        means.restart_clock()
+        try:
+            for batch in loader:
+                with self.cost.step(self, batch):
+                    losses = self.run_step(*batch)
+                means.add(losses)
+                if bar is not None:
+                    bar.update(1)
+                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                     self.check_finite()
-                    self.emit({"kind": "eval", "step": self.step, "split": cfg.eval_split,
-                               **self.evaluate()})
-            if (cfg.ckpt_every and self.step % cfg.ckpt_every == 0) or last:
-                with self.cost.paused():
-                    self.check_finite(weights=True)
-                    self.save()
-        self.cost.stop()
-        if bar is not None:
-            bar.close()
+                    record = self._train_record(means)
+                    self.emit(record)
+                    if bar is not None and "loss" in record:
+                        bar.set_postfix(loss=f"{record['loss']:.3f}")
+                    means.reset()
+                last = self.step == cfg.steps
+                if cfg.eval_every and self.step % cfg.eval_every == 0 and not last:
+                    with self.cost.paused():  # evaluations and checkpoints are not step time
+                        self.check_finite()
+                        self.emit({"kind": "eval", "step": self.step, "split": cfg.eval_split,
+                                   **self.evaluate()})
+                if (cfg.ckpt_every and self.step % cfg.ckpt_every == 0) or last:
+                    with self.cost.paused():
+                        self.check_finite(weights=True)
+                        self.save()
+            self.cost.stop()
+        finally:
+            if bar is not None:
+                bar.close()
         self.check_finite(weights=True)
         final = {"kind": "eval", "step": self.step, "split": cfg.eval_split, **self.evaluate()}
         self.emit(final)
@@ -351,29 +428,38 @@ class Trainer:
         self._check_config(restore_from=found[0] if found is not None else None)
         if self.rank == 0:  # what a killed process left: temporary files, lone manifests
             remove_stale_files(self.run_dir)
-        if found is None:
-            self._cut_metrics(0)  # a run killed before its first checkpoint starts over
+        if found is None:  # a run killed before its first checkpoint starts over
+            self.loss_means, self.log_lines = LossMeans(), []
+            metrics = self.run_dir / "metrics.jsonl"
+            if self.rank == 0 and metrics.is_file():
+                with writing(metrics):
+                    os.truncate(metrics, 0)
         else:
-            self.load(found[1])
+            self.load(found[1], source=found[0])
             self.last_checkpoint = found[0]
         if self.step == 0:
             # The training stream (dropout) is a function of the seed alone, whatever ran
             # since the model was built; every rank gets its own.
             seed_everything(self.cfg.seed + 1_000_003 * self.rank)
 
-    def _train_record(self, sums: dict, count: int, skipped: int, t0: float) -> dict:
+    def _mean_over_ranks(self, sums: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Each summed term averaged over the DDP ranks (one collective); as it is outside DDP."""
+        if self.world == 1 or not sums:
+            return sums
+        keys = sorted(sums)
+        packed = torch.stack([sums[k].float() for k in keys])
+        dist.all_reduce(packed)
+        return dict(zip(keys, packed / self.world))
+
+    def _train_record(self, means: LossMeans) -> dict:
         """The log line of the steps since the last one: the mean of each loss term."""
-        if self.world > 1 and sums:  # the mean over ranks: one collective per line
-            keys = sorted(sums)
-            packed = torch.stack([sums[k].float() for k in keys])
-            dist.all_reduce(packed)
-            sums = dict(zip(keys, packed / self.world))
+        sums = self._mean_over_ranks(means.sums)
         record = {"kind": "train", "step": self.step,
-                  **{k: (v / (count - skipped)).item() for k, v in sums.items()},
+                  **{k: (v / (means.count - means.skipped)).item() for k, v in sums.items()},
                   "lr": self.scheduler.get_last_lr()[0],
-                  "s_per_step": (time.perf_counter() - t0) / count}
+                  "s_per_step": means.seconds / means.count}
         if self.cfg.skip_nonfinite:
-            record["skipped"] = skipped
+            record["skipped"] = means.skipped
         return record
 
     def train_mode(self) -> None:
@@ -393,9 +479,12 @@ class Trainer:
 
     # -- records, checkpoints, resume
     def emit(self, record: dict) -> None:
+        """Appends a record to ``metrics.jsonl`` (whole lines only) and hands it to the
+        callbacks; every checkpoint keeps a copy of the log (:meth:`state_dict`)."""
         if self.rank == 0:
-            with open(self.run_dir / "metrics.jsonl", "a") as fh:
-                fh.write(json.dumps(record) + "\n")
+            line = json.dumps(record) + "\n"
+            append_line(self.run_dir / "metrics.jsonl", line)
+            self.log_lines.append(line)
         for callback in self.callbacks:
             callback(record)
 
@@ -406,7 +495,7 @@ class Trainer:
                 "kdnb_version": __version__, "config": self.cfg.to_dict(), "step": self.step}
 
     def state_dict(self) -> dict:
-        metrics = self.run_dir / "metrics.jsonl"
+        log = "".join(self.log_lines)
         return {
             **self.model_record(),
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
@@ -414,19 +503,28 @@ class Trainer:
             "inputs": self.inputs,  # SHA-256 of the teacher and pretext encoder files
             "extra": {"losses": self.losses.state_dict()} if self.losses is not None else {},
             "cost": self.cost.state_dict(),  # the time and FLOPs of the steps so far
-            # how much of metrics.jsonl this state has seen: resume cuts the rest (replayed)
-            "metrics_bytes": metrics.stat().st_size if metrics.is_file() else 0,
+            # the log this state has written: resume cuts what came after (replayed), and
+            # rebuilds a log that was lost or damaged since
+            "metrics": log, "metrics_bytes": len(log.encode()),
+            "log_means": self.loss_means.state_dict(),  # the next log line's partial sums
         }
 
     def save(self) -> Path | None:
-        """Writes ``ckpt-<step>.pt`` (atomically, with its manifest) and prunes old ones."""
+        """Writes ``ckpt-<step>.pt`` (atomically, with its manifest) and prunes old ones.
+
+        Every rank calls it: under DDP the partial loss sums are first averaged over the
+        ranks (one collective), which leaves the next log line's mean as it was.
+        """
+        self.loss_means.sums = self._mean_over_ranks(self.loss_means.sums)
         if self.rank != 0:
             return None
         self.last_checkpoint = save_checkpoint(self.state_dict(), self.run_dir, self.step,
                                                self.cfg.keep_checkpoints)
         return self.last_checkpoint
 
-    def load(self, ckpt: dict) -> None:
+    def load(self, ckpt: dict, source: Path | None = None) -> None:
+        """Restores the state of a loaded checkpoint (``source`` names it in messages), and
+        ``metrics.jsonl`` as that state had written it (:meth:`_restore_metrics`)."""
         if ckpt["preset"] != self.model.preset or ckpt["num_classes"] != self.num_classes:
             raise ValueError(f"checkpoint holds {ckpt['preset']!r} with {ckpt['num_classes']} "
                              f"classes; this run trains {self.model.preset!r} with "
@@ -440,7 +538,16 @@ class Trainer:
             self.losses.load_state_dict(ckpt["extra"]["losses"])
         if "cost" in ckpt:  # (checkpoints from before kdnb.cost have none)
             self.cost.load_state_dict(ckpt["cost"])
-        self._cut_metrics(ckpt.get("metrics_bytes"))
+        source = Path(source or f"ckpt-{self.step:07d}.pt")
+        if "log_means" in ckpt:
+            self.loss_means.load_state_dict(ckpt["log_means"], self.device)
+        else:
+            self.loss_means = LossMeans()
+            if self.step % self.cfg.log_every:
+                warnings.warn(f"{source.name} was written by an older kdnb without the partial "
+                              "loss sums: the first log line after the resume averages only "
+                              f"the steps after step {self.step}")
+        self._restore_metrics(ckpt, source)
 
     def resume(self) -> bool:
         """Loads the newest good checkpoint (:func:`kdnb.checkpoint.load_newest_good`);
@@ -455,20 +562,77 @@ class Trainer:
         path, ckpt = found
         self.inputs = input_digests(self.cfg)
         self._check_checkpoint(path, ckpt)
-        self.load(ckpt)
+        self.load(ckpt, source=path)
         self.last_checkpoint = path
         return True
 
-    def _cut_metrics(self, nbytes: int | None) -> None:
-        """Cuts ``metrics.jsonl`` back to what the resumed state had logged: the steps after
-        it are replayed, and a line half-written by a killed process goes with them."""
+    def _restore_metrics(self, ckpt: dict, source: Path) -> None:
+        """Makes ``metrics.jsonl`` what the resumed state had logged; the steps after it are
+        replayed and log again.
+
+        The checkpoint holds the log as it was written up to its step. A file that begins
+        with it is cut back to it (a line half-written by a killed process goes with the
+        rest); a file that is missing, shorter (emptied, cut) or different (edited, damaged:
+        kept beside it as ``metrics.jsonl.damaged``) is rebuilt from the checkpoint, with a
+        warning naming the file. A checkpoint of an older kdnb holds only the log's length:
+        the file is then cut at the line boundary at or before it, and what was lost is
+        reported, not rebuilt.
+        """
         path = self.run_dir / "metrics.jsonl"
-        if self.rank != 0 or not path.is_file():
+        if self.rank != 0:
             return
-        if nbytes is None:  # a checkpoint from before metrics_bytes: drop a partial line only
-            nbytes = path.read_bytes().rfind(b"\n") + 1
-        if path.stat().st_size > nbytes:
-            os.truncate(path, nbytes)
+        found = path.read_bytes() if path.is_file() else None
+        if "metrics" not in ckpt:
+            self.log_lines = self._cut_old_metrics(path, found, ckpt.get("metrics_bytes"), source)
+            return
+        data = ckpt["metrics"].encode()
+        self.log_lines = ckpt["metrics"].splitlines(keepends=True)
+        if found is not None and found.startswith(data):
+            if len(found) > len(data):
+                with writing(path):
+                    os.truncate(path, len(data))
+            return
+        if found is None:
+            what = "was missing"
+        elif data.startswith(found):
+            lines = found.count(b"\n")
+            what = (f"holds {lines} of the {len(self.log_lines)} lines {source.name} had logged "
+                    "(emptied or cut short?)")
+        else:
+            same = next((i for i, (a, b) in enumerate(zip(found.splitlines(keepends=True),
+                                                          self.log_lines)) if a != b.encode()),
+                        len(self.log_lines))
+            kept = path.with_name(path.name + ".damaged")
+            with writing(kept):
+                os.replace(path, kept)
+            what = (f"differs from what {source.name} had logged from line {same + 1} on (the "
+                    f"file as found is kept as {kept.name})")
+        atomic_write_bytes(data, path)
+        warnings.warn(f"{path} {what}: rebuilt from {source.name} ({len(self.log_lines)} records, "
+                      f"to step {self.step}); the steps after it are logged again as they replay")
+
+    def _cut_old_metrics(self, path: Path, found: bytes | None, nbytes: int | None,
+                         source: Path) -> list[str]:
+        """:meth:`_restore_metrics` for a checkpoint that holds the log's length alone (or,
+        older still, nothing): a cut at a line boundary, and a warning for what is lost."""
+        if found is None:
+            warnings.warn(f"{path} was missing, and {source.name} (an older kdnb's) holds no "
+                          f"copy of it: the records up to step {self.step} are lost")
+            return []
+        end = len(found) if nbytes is None else min(int(nbytes), len(found))
+        cut = found.rfind(b"\n", 0, end) + 1  # the line boundary at or before the end
+        if nbytes is not None and len(found) < nbytes:
+            warnings.warn(f"{path} is shorter ({len(found)} bytes) than the {nbytes} bytes "
+                          f"{source.name} had logged (emptied or cut?), and that older "
+                          "checkpoint holds no copy: the records lost stay lost")
+        elif nbytes is not None and cut != nbytes:
+            warnings.warn(f"{path} has no line end at byte {nbytes}, where {source.name} had "
+                          f"stopped logging (edited?): cut at the line boundary before it, byte "
+                          f"{cut}")
+        if len(found) > cut:
+            with writing(path):
+                os.truncate(path, cut)
+        return [line.decode(errors="replace") for line in found[:cut].splitlines(keepends=True)]
 
     def _check_checkpoint(self, path: Path, ckpt: dict) -> None:
         """A checkpoint resumes only under its own config and with the files it was trained

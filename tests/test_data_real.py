@@ -247,6 +247,132 @@ def test_camvid_maps_unlabelled_to_ignore(tmp_path):
     assert torch.equal(mask, torch.from_numpy(np.where(values == 11, 255, values)))
 
 
+# ---------------------------------------------------------------- Pillow modes
+
+GRAY = np.arange(H * W, dtype=np.uint8).reshape(H, W) * 2 % 251  # 0..250
+RGB = np.stack([GRAY, 250 - GRAY, GRAY // 2], axis=-1)
+PALETTE_COLOURS = [(0, 0, 0), (255, 0, 0), (0, 128, 255), (40, 80, 120)]
+
+
+def gray3(values: np.ndarray, full: float) -> np.ndarray:
+    return np.repeat((values.astype(np.float64) / full)[..., None], 3, axis=2)
+
+
+def palette_image() -> Image.Image:
+    image = Image.fromarray(GRAY % 4).convert("P")
+    image.putpalette([c for rgb in PALETTE_COLOURS for c in rgb])
+    return image
+
+
+#: mode -> (the file: an image and the format it is saved in, the RGB floats it must read as)
+IMAGE_MODES = {
+    "1": (lambda: Image.fromarray(GRAY > 100), "PNG", lambda: gray3(GRAY > 100, 1)),
+    "L": (lambda: Image.fromarray(GRAY), "PNG", lambda: gray3(GRAY, 255)),
+    "LA": (lambda: Image.fromarray(np.stack([GRAY, 255 - GRAY], -1), "LA"), "PNG",
+           lambda: gray3(GRAY, 255)),  # the alpha is dropped
+    "P": (palette_image, "PNG", lambda: np.array(PALETTE_COLOURS)[GRAY % 4] / 255),
+    "RGB": (lambda: Image.fromarray(RGB), "PNG", lambda: RGB / 255),
+    "RGBA": (lambda: Image.fromarray(np.concatenate([RGB, RGB[..., :1]], -1), "RGBA"), "PNG",
+             lambda: RGB / 255),
+    # the bug: 16-bit PNGs read as 8 bits clip to 1.0; they are scaled by 65535
+    "I;16": (lambda: Image.fromarray(GRAY.astype(np.uint16) * 261), "PNG",
+             lambda: gray3(GRAY.astype(np.uint16) * 261, 65535)),
+    "CMYK": (lambda: Image.fromarray(RGB).convert("CMYK"), "JPEG", None),  # Pillow's RGB of it
+    "I": (lambda: Image.fromarray(GRAY.astype(np.int32) * 261), "TIFF",
+          lambda: gray3(GRAY.astype(np.int32) * 261, 65535)),
+    "F": (lambda: Image.fromarray(GRAY.astype(np.float32) / 250), "TIFF",
+          lambda: gray3(GRAY.astype(np.float32) / 250, 1)),
+}
+
+
+def camvid_with(tmp_path, image=None, label=None, fmt="PNG", label_fmt="PNG"):
+    """A CamVid tree whose first train image and/or label is replaced (the name stays
+    ``.png``: Pillow reads any format by its content)."""
+    base = make_camvid(tmp_path)
+    if image is not None:
+        image.save(first_image("camvid", base), format=fmt)
+    if label is not None:
+        label.save(first_label("camvid", base), format=label_fmt)
+    return base
+
+
+@pytest.mark.parametrize("mode", list(IMAGE_MODES))
+def test_every_image_mode_reads_by_the_range_of_its_type(mode, tmp_path):
+    make, fmt, expected = IMAGE_MODES[mode]
+    base = camvid_with(tmp_path, make(), fmt=fmt)
+    with Image.open(first_image("camvid", base)) as written:
+        assert written.mode == mode
+        want = expected() if expected else np.asarray(written.convert("RGB")) / 255
+    dataset = build_dataset("camvid", root=tmp_path, split="train")
+    validate_dataset(dataset)
+    image, _ = dataset[0]
+    assert image.dtype == torch.float32 and image.shape == (3, H, W)
+    assert torch.allclose(image, torch.from_numpy(want).permute(2, 0, 1).float(), atol=1e-6)
+    if mode == "I;16":  # the bug read 99.7 % of a 16-bit image's pixels as 1.0
+        assert image.max() < 1.0 and image.mean() > 0.3
+
+
+@pytest.mark.parametrize("mode, make, words", [
+    ("I", lambda: Image.fromarray(GRAY.astype(np.int32) * 1000), "outside 0..65535"),
+    ("F", lambda: Image.fromarray(GRAY.astype(np.float32)), "outside 0..1"),
+    ("LAB", lambda: Image.new("LAB", (W, H)), "which kdnb does not read as an image"),
+])
+def test_images_of_unknown_range_or_mode_are_refused(mode, make, words, tmp_path):
+    base = camvid_with(tmp_path, make(), fmt="TIFF")
+    dataset = build_dataset("camvid", root=tmp_path, split="train")
+    with pytest.raises(ValueError) as err:
+        validate_dataset(dataset)
+    message = str(err.value)
+    assert str(first_image("camvid", base)) in message and f"mode {mode!r}" in message
+    assert words in message and "save it as an 8-bit RGB PNG" in message
+
+
+LABEL_IDS = np.arange(H * W).reshape(H, W) % 12  # CamVid's raw ids 0..11
+
+
+@pytest.mark.parametrize("mode, make", [
+    ("L", lambda: Image.fromarray(LABEL_IDS.astype(np.uint8))),
+    ("P", lambda: write_label_palette(LABEL_IDS)),
+    ("I;16", lambda: Image.fromarray(LABEL_IDS.astype(np.uint16))),
+    ("I", lambda: Image.fromarray(LABEL_IDS.astype(np.int32))),
+    ("1", lambda: Image.fromarray(LABEL_IDS % 2 == 1)),
+])
+def test_label_modes_that_hold_class_ids(mode, make, tmp_path):
+    base = camvid_with(tmp_path, label=make(), label_fmt="TIFF" if mode == "I" else "PNG")
+    with Image.open(first_label("camvid", base)) as written:
+        assert written.mode == mode
+    ids = LABEL_IDS % 2 if mode == "1" else LABEL_IDS
+    dataset = build_dataset("camvid", root=tmp_path, split="train")
+    validate_dataset(dataset)
+    assert torch.equal(dataset[0][1], torch.from_numpy(np.where(ids == 11, 255, ids)))
+
+
+def write_label_palette(ids: np.ndarray) -> Image.Image:
+    image = Image.fromarray(ids.astype(np.uint8)).convert("P")
+    image.putpalette([c for rgb in camvid.PALETTE for c in rgb])
+    return image
+
+
+@pytest.mark.parametrize("mode, make, fmt, words", [
+    ("RGB", lambda: Image.fromarray(RGB), "PNG", "a colour image: a colour-coded label?"),
+    ("RGBA", lambda: Image.fromarray(np.concatenate([RGB, RGB[..., :1]], -1), "RGBA"), "PNG",
+     "it has an alpha channel"),
+    ("LA", lambda: Image.fromarray(np.stack([GRAY, GRAY], -1), "LA"), "PNG",
+     "it has an alpha channel"),
+    ("F", lambda: Image.fromarray(LABEL_IDS.astype(np.float32)), "TIFF", "it holds floats"),
+    ("L", lambda: Image.fromarray(LABEL_IDS.astype(np.uint8)), "JPEG", "is a JPEG: lossy"),
+])
+def test_labels_that_are_no_label_map_are_refused_before_training(mode, make, fmt, words,
+                                                                 tmp_path):
+    base = camvid_with(tmp_path, label=make(), label_fmt=fmt)
+    dataset = build_dataset("camvid", root=tmp_path, split="train")
+    with pytest.raises(ValueError) as err:
+        validate_dataset(dataset)  # the header tells: no pixel of it is read
+    message = str(err.value)
+    assert str(first_label("camvid", base)) in message and words in message
+    assert "single-channel (L or 16-bit) or palette (P) PNGs of class ids" in message
+
+
 @pytest.mark.parametrize("name", list(MAKERS))
 def test_train_transform_crops_and_pads_with_ignore(name, tmp_path):
     MAKERS[name](tmp_path)

@@ -2,9 +2,10 @@
 
 Training runs in subprocesses started from a small driver script that patches, from the
 outside, the point where it kills itself: inside a step, halfway through a checkpoint's
-bytes, between a checkpoint's write and its rename, halfway through a log line. Each kill
-is resumed by a fresh process; the chain ends with the weights (and every logged loss) of
-an uninterrupted run, bit for bit (CPU, one thread).
+bytes, between a checkpoint's write and its rename, halfway through a log line, between
+two log lines (a log_every that does not divide ckpt_every, in the distillation run). Each
+kill is resumed by a fresh process; the chain ends with the weights (and every logged
+loss) of an uninterrupted run, bit for bit (CPU, one thread).
 """
 import json
 import os
@@ -182,10 +183,13 @@ def test_sigkill_anywhere_then_resume_ends_with_the_same_weights(tmp_path):
 
 def test_killed_distillation_resumes_with_adapters_and_fakd_statistics(tmp_path):
     """A distillation run killed mid-step ends as the uninterrupted one: the student, the
-    loss modules' adapters and FAKD's class statistics, and every logged loss term."""
+    loss modules' adapters and FAKD's class statistics, and every logged loss term. Its
+    log_every (2) does not divide ckpt_every (3): the resumed run's step-4 line averages
+    step 3, whose sums ckpt-3 carries, and step 4, as the uninterrupted run's does."""
     build_trainer(tiny(model="synth-teacher", steps=2, ckpt_every=0), tmp_path / "teacher",
             progress=False).fit()
     cfg = tiny(teacher=str(tmp_path / "teacher" / "model.pt"), steps=8, ckpt_every=3,
+               log_every=2,
                methods={"kd": 1.0, "nfd": {"weight": 1.0}, "fakd": {"lambda_0": 1.0, "on": "nfd"}})
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER)
@@ -210,7 +214,9 @@ def test_killed_distillation_resumes_with_adapters_and_fakd_statistics(tmp_path)
     straight = [json.loads(line)
                 for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
     terms = {"loss", "task", "kd", "nfd"}
-    assert [r for r in records if r["kind"] == "train"] and all(
+    assert [r["step"] for r in records if r["kind"] == "train"] == [2, 4, 6, 8]
+    assert [q["step"] for q in straight if q["kind"] == "train"] == [2, 4, 6, 8]
+    assert all(
         {k: r[k] for k in terms & r.keys()} == {k: q[k] for k in terms & q.keys()}
         for r, q in zip((r for r in records if r["kind"] == "train"),
                         (q for q in straight if q["kind"] == "train")))

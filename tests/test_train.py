@@ -220,3 +220,40 @@ def test_nonfinite_watch_costs_no_host_sync_per_step(tmp_path):
         torch.cuda.set_sync_debug_mode(0)
     with pytest.raises(NonFiniteLossError, match=r"step 2 \(loss=nan, task=1\)"):
         trainer.check_finite()
+
+
+def train_records(run_dir):
+    """The train lines of a run's log, without their timing."""
+    return [{k: v for k, v in r.items() if k != "s_per_step"} for r in strict_records(run_dir)
+            if r["kind"] == "train"]
+
+
+@pytest.mark.parametrize("log_every, ckpt_every, stop, steps", [(3, 5, 6, 7), (4, 3, 8, 9)])
+def test_resume_between_log_lines_logs_what_the_uninterrupted_run_logs(
+        tmp_path, log_every, ckpt_every, stop, steps):
+    """The partial loss sums travel in the checkpoint: stopped after ckpt-5 with log_every 3,
+    the resumed run's step-6 line is the mean of steps 4-6, as the uninterrupted run's."""
+    cfg = tiny(steps=steps, log_every=log_every, ckpt_every=ckpt_every, batch_size=2,
+               data_kwargs={"size": 64, "length": 8})
+    build_trainer(cfg, tmp_path / "straight", progress=False).fit()
+    with pytest.raises(Stop):
+        build_trainer(cfg, tmp_path / "run", progress=False, callbacks=[stop_at(stop)]).fit()
+    newest = checkpoint_paths(tmp_path / "run")[0]
+    assert load_checkpoint(newest)["step"] % log_every  # a checkpoint between two log lines
+    build_trainer(cfg, tmp_path / "run", progress=False).fit(resume=True)
+    assert train_records(tmp_path / "run") == train_records(tmp_path / "straight")
+
+
+def test_a_checkpoint_without_partial_sums_still_resumes(tmp_path):
+    """A checkpoint of an older kdnb (no partial sums, no copy of the log) loads: the first
+    line after the resume averages the steps since it, and says so."""
+    cfg = tiny(steps=7, log_every=3, ckpt_every=5, batch_size=2,
+               data_kwargs={"size": 64, "length": 8})
+    with pytest.raises(Stop):
+        build_trainer(cfg, tmp_path, progress=False, callbacks=[stop_at(6)]).fit()
+    path = tmp_path / "ckpt-0000005.pt"
+    old = {k: v for k, v in load_checkpoint(path).items() if k not in ("log_means", "metrics")}
+    atomic_save(old, path)
+    with pytest.warns(UserWarning, match="without the partial loss sums"):
+        build_trainer(cfg, tmp_path, progress=False).fit(resume=True)
+    assert [r["step"] for r in train_records(tmp_path)] == [3, 6, 7]

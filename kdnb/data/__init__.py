@@ -14,8 +14,10 @@ public URL exists.
 from __future__ import annotations
 
 import importlib
+import inspect
 from pathlib import Path
 
+from ..options import check_options, keyword_parameters
 from .base import (IGNORE_INDEX, DatasetNotFoundError, SegmentationFolder, data_root,
                    read_image, read_label)
 from .synth import SynthScenes
@@ -50,6 +52,27 @@ def dataset_info(name: str) -> dict:
     mod = dataset_module(name)
     return {"classes": mod.CLASSES, "palette": mod.PALETTE, "num_classes": mod.NUM_CLASSES,
             "ignore_index": IGNORE_INDEX}
+
+
+#: build_dataset's own keywords, which a dataset option may not repeat (who sets each).
+_SET_BY_BUILD = {"seed": "the run's seed, --seed", "crop_size": "--crop",
+                 "scale_range": "the config's scale_range", "flip": "--no-flip"}
+
+
+def check_dataset_options(name: str, options: dict) -> None:
+    """Refuses dataset options (``--data-arg``, ``data_kwargs``) that the dataset does not
+    take, or of the wrong type (``size=abc``), listing the valid names; cheap (nothing is
+    read)."""
+    if name == "synth":
+        accepted = keyword_parameters(SynthScenes.__init__, skip=("split", *_SET_BY_BUILD))
+    else:
+        build = dataset_module(name).build
+        params = inspect.signature(build).parameters.values()
+        forwards = any(p.kind == p.VAR_KEYWORD for p in params)  # **kw to SegmentationFolder
+        accepted = keyword_parameters(build, *([SegmentationFolder.__init__] if forwards else []),
+                                      skip=("root", "split", *_SET_BY_BUILD))
+    check_options(options, accepted, what=f"dataset {name}", flag="--data-arg",
+                  fixed=_SET_BY_BUILD)
 
 
 def build_dataset(name: str, root: str | Path | None = None, split: str = "train",
@@ -103,14 +126,19 @@ def build_dataset(name: str, root: str | Path | None = None, split: str = "train
     return Augmented(dataset, transform, seed=seed)
 
 
-def validate_dataset(dataset, *, samples: int = 3) -> None:
+def validate_dataset(dataset, *, samples: int = 3) -> dict[tuple[int, int], str]:
     """Checks a dataset before long work starts; an error names the file and the fix.
 
-    Every file of an on-disk dataset is checked cheaply (headers and end markers, see
-    :meth:`SegmentationFolder.scan`); ``samples`` samples spread over the dataset are read
-    in full, which checks pixel data, label values against the classes and image/label
-    sizes. For a training set (:class:`Augmented` with a crop) the crop is checked against
-    the size of those samples: a crop that padding would mostly fill is refused.
+    Every file of an on-disk dataset is checked cheaply (headers, modes and end markers,
+    see :meth:`SegmentationFolder.scan`); ``samples`` samples spread over the dataset are
+    read in full, which checks pixel data, label values against the classes and
+    image/label sizes. For a training set (:class:`Augmented` with a crop) the crop is
+    checked against the size of those samples: a crop that padding would mostly fill is
+    refused.
+
+    Returns:
+        The image sizes seen, ``(H, W)`` -> one file of that size (or ``"sample <i>"``):
+        every file of an on-disk dataset, the samples read of another.
 
     Raises:
         ValueError or OSError: what is wrong, naming the file, and what to do.
@@ -120,13 +148,18 @@ def validate_dataset(dataset, *, samples: int = 3) -> None:
         raise ValueError("the dataset has no samples: check the split list and the data root "
                          "(`kdnb datasets` shows where kdnb looks)")
     base = getattr(dataset, "dataset", dataset)  # Augmented wraps the dataset it transforms
+    seen = {}
     if isinstance(base, SegmentationFolder):
-        base.scan()
+        for size, (image, _) in zip(base.scan(), base.pairs):
+            seen.setdefault(size, str(image))
     picks = sorted({round(k * (n - 1) / max(samples - 1, 1)) for k in range(min(samples, n))})
     sizes = [tuple(base[i][0].shape[-2:]) for i in picks]
+    for i, size in zip(picks, sizes):
+        seen.setdefault(size, f"sample {i}")
     transform = getattr(dataset, "transform", None)
     if isinstance(transform, TrainTransform) and transform.crop_size is not None:
         check_crop(transform.crop_size, transform.scale_range, sizes)
+    return seen
 
 
 #: Below this share of image pixels in a crop (at the largest scale) the crop is refused.
@@ -155,7 +188,7 @@ def check_crop(crop_size, scale_range, sizes) -> None:
 __all__ = [
     "Augmented", "DatasetNotFoundError", "IGNORE_INDEX", "Indexed", "SegmentationFolder",
     "StepSampler", "SynthScenes", "TrainTransform", "available_datasets", "build_dataset",
-    "check_crop", "collate",
+    "check_crop", "check_dataset_options", "collate",
     "data_root", "dataset_info", "dataset_module", "read_image", "read_label",
     "validate_dataset",
 ]
