@@ -324,6 +324,41 @@ def test_normalize_features_standardizes_exactly_the_named_axes(norm):
     assert normalize_features(x, "none") is x
 
 
+def standardized_by_definition(x, axes, eps):
+    """(x - mean) / sqrt(var + eps) over ``axes``, biased var: autograd through var_mean,
+    the formula normalize_features computed before it used PyTorch's fused kernels."""
+    var, mean = torch.var_mean(x, dim=axes, correction=0, keepdim=True)
+    return (x - mean) * torch.rsqrt(var + eps)
+
+
+@pytest.mark.parametrize("norm", AXES)
+@pytest.mark.parametrize("shape", [(2, 4, 5, 6), (1, 3, 1, 1), (3, 4, 1, 2)])
+@pytest.mark.parametrize("eps", [1e-5, 0.0])
+def test_normalize_features_and_nfd_equal_the_definition_in_float64(norm, shape, eps):
+    """Values and gradients of the fused normalizations against the formula, in float64,
+    with one value per group (h = w = 1) and without eps as edge cases."""
+    x = structured_features().double()[:shape[0], :shape[1], :shape[2], :shape[3]].clone()
+    if eps == 0.0 and math.prod(shape[i] for i in AXES[norm]) == 1:
+        return  # a single value over the axes and no eps: 0 / 0
+    upstream = randn(*shape, seed=7, dtype=torch.float64)
+    got, expected = x.clone().requires_grad_(), x.clone().requires_grad_()
+    (normalize_features(got, norm, eps) * upstream).sum().backward()
+    (standardized_by_definition(expected, AXES[norm], eps) * upstream).sum().backward()
+    torch.testing.assert_close(normalize_features(x, norm, eps),
+                               standardized_by_definition(x, AXES[norm], eps),
+                               rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got.grad, expected.grad, rtol=1e-10, atol=1e-10)
+    teacher = randn(*shape, seed=8, dtype=torch.float64) * 3 + 1
+    got, expected = x.clone().requires_grad_(), x.clone().requires_grad_()
+    nfd_loss(got, teacher, norm=norm, eps=eps).backward()
+    reference = (standardized_by_definition(expected, AXES[norm], eps)
+                 - standardized_by_definition(teacher, AXES[norm], eps)).pow(2).mean()
+    reference.backward()
+    torch.testing.assert_close(nfd_loss(x, teacher, norm=norm, eps=eps), reference.detach(),
+                               rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got.grad, expected.grad, rtol=1e-10, atol=1e-10)
+
+
 # per normalization, the teacher transformation it must not see: (a, b) shapes
 AFFINE_SHAPES = {
     "channel": (1, 6, 1, 1),  # a, b per channel; per (sample, channel) would do too
