@@ -445,6 +445,35 @@ def test_ifvd_matches_a_loop_and_skips_ignored_positions():
     assert ifvd_loss(s, t, torch.full_like(masks, 255), num_classes=K).item() == 0.0
 
 
+def test_ifvd_value_and_gradient_equal_cosine_similarity_in_float64():
+    """IFVD's similarities come from one product against all centroids: in float64 the value
+    and the student's gradient equal F.cosine_similarity to each gathered centroid, with a
+    zero feature vector among the positions (gradient finite, as with F.cosine_similarity)."""
+    s = randn(2, 3, 5, 6, seed=1, dtype=torch.float64)
+    s[0, :, 2, 3] = 0  # a dead position
+    t = randn(2, 7, 5, 6, seed=2, dtype=torch.float64)
+    masks = random_masks(2, 5, 6, seed=3)
+
+    def reference(f):
+        m = masks.flatten(1)
+        labels = torch.where(m == 255, K, m)
+        feats = f.flatten(2).transpose(1, 2)  # (B, N, C)
+        onehot = F.one_hot(labels, K + 1).to(f.dtype)  # (B, N, K+1)
+        centroids = onehot.transpose(1, 2) @ feats / onehot.sum(1).clamp_min(1)[..., None]
+        centre = centroids.gather(1, labels[..., None].expand(-1, -1, f.shape[1]))
+        return F.cosine_similarity(feats, centre, dim=2, eps=1e-8)  # (B, N)
+
+    valid = (masks != 255).flatten(1).to(torch.float64)
+    got, expected = s.clone().requires_grad_(), s.clone().requires_grad_()
+    loss = ifvd_loss(got, t, masks, num_classes=K)
+    loss.backward()
+    ref = ((reference(expected) - reference(t)).pow(2) * valid).sum() / valid.sum()
+    ref.backward()
+    torch.testing.assert_close(loss, ref, rtol=1e-12, atol=1e-12)
+    assert torch.isfinite(got.grad).all()
+    torch.testing.assert_close(got.grad, expected.grad, rtol=1e-10, atol=1e-12)
+
+
 # ----------------------------------------------------------------------------- registry
 
 def test_build_losses_from_a_plain_dict():

@@ -102,21 +102,29 @@ def skd_pairwise_loss(student_feats: torch.Tensor, teacher_feats: torch.Tensor, 
     return (_pairwise_similarity(s) - _pairwise_similarity(t)).pow(2).mean()
 
 
-def _centroid_similarity(f: torch.Tensor, labels: torch.Tensor, num_bins: int) -> torch.Tensor:
+def _centroid_similarity(f: torch.Tensor, labels: torch.Tensor, num_bins: int,
+                         eps: float = 1e-8) -> torch.Tensor:
     """Cosine similarity of each position to the centroid of its label in its image.
 
     ``f (B, C, h, w)``, ``labels (B, h*w)`` in ``[0, num_bins)`` -> ``(B, h*w)``.
+    ``F.cosine_similarity``'s formula, ``x . c / (max(|x|, eps) max(|c|, eps))``, with the
+    dot products as one matrix product against the ``num_bins`` centroids, read at each
+    position's own, and every reduction over ``C`` on the contiguous ``(B, C, N)`` layout:
+    nothing of size ``(B, N, C)`` is formed, no transposed copy.
     """
-    feats = f.flatten(2).transpose(1, 2)  # (B, N, C)
+    feats = f.flatten(2)  # (B, C, N)
     # a comparison, not F.one_hot, which checks the label range with a device sync on CPU
     onehot = (labels[..., None] == torch.arange(num_bins, device=labels.device)).to(feats.dtype)
     with _full_precision(f.device):
         # a one-hot product rather than scatter_add: deterministic on GPUs
-        sums = torch.bmm(onehot.transpose(1, 2), feats)  # (B, K+1, C)
-    counts = onehot.sum(1).clamp_min(1.0)  # (B, K+1)
-    centroids = sums / counts[..., None]
-    centre = centroids.gather(1, labels[..., None].expand(-1, -1, feats.shape[2]))  # (B, N, C)
-    return F.cosine_similarity(feats, centre, dim=2, eps=1e-8)
+        sums = torch.bmm(feats, onehot)  # (B, C, K+1)
+        centroids = sums / onehot.sum(1).clamp_min(1.0)[:, None, :]
+        dots = torch.bmm(centroids.mT, feats)  # (B, K+1, N): every centroid . every position
+    dot = dots.gather(1, labels[:, None, :])[:, 0]  # (B, N): with its own centroid
+    # max(|x|, eps) = sqrt(max(|x|^2, eps^2)), whose gradient is 0 (not nan) at x = 0
+    norm = feats.square().sum(1).clamp_min(eps * eps).sqrt()  # (B, N)
+    centre_norm = centroids.square().sum(1).clamp_min(eps * eps).sqrt().gather(1, labels)
+    return dot / (norm * centre_norm)
 
 
 def ifvd_loss(student_feats: torch.Tensor, teacher_feats: torch.Tensor, masks: torch.Tensor, *,
