@@ -226,21 +226,27 @@ def test_class_blocks_hold_each_position_once_in_a_block_of_its_class(gen, rows)
     assert torch.equal(layout.dest[source], rows_of)  # dest inverts source
 
 
-def test_class_covariance_and_fakd_make_no_host_sync():
+@pytest.mark.parametrize("on", ["logits", "feats", "nfd"])
+def test_class_covariance_and_fakd_make_no_host_sync(on):
     """On the meta device any .item(), .tolist(), boolean indexing or branch on a tensor
     value fails: the covariance update, the bound and its backward run there."""
     for diagonal in (False, True):
         classifier = nn.Conv2d(4, 5, 1).to("meta")
-        loss = FAKDLoss(5, 4, classifier=classifier, diagonal=diagonal).to("meta").train()
+        loss = FAKDLoss(5, 4, classifier=classifier if on == "logits" else None, on=on,
+                        teacher_channels=3, diagonal=diagonal).to("meta").train()
         loss.set_progress(1, 2)
         feats = torch.randn(2, 4, 6, 7, device="meta", requires_grad=True)
         logits = torch.randn(2, 5, 6, 7, device="meta", requires_grad=True)
-        teacher = {"logits": torch.randn(2, 5, 6, 7, device="meta")}
+        teacher = {"logits": torch.randn(2, 5, 6, 7, device="meta"),
+                   "feats": torch.randn(2, 3, 6, 7, device="meta")}
         masks = torch.zeros(2, 12, 14, dtype=torch.long, device="meta")
         value = loss({"feats": feats, "logits": logits}, teacher, masks)
         value.backward()
-        assert value.shape == () and logits.grad.shape == logits.shape
-        assert classifier.weight.grad.shape == classifier.weight.shape
+        assert value.shape == ()
+        grad = logits.grad if on == "logits" else feats.grad
+        assert grad is not None and grad.shape == (2, 5 if on == "logits" else 4, 6, 7)
+        trained = classifier if on == "logits" else loss.owned_adapter.conv
+        assert trained.weight.grad.shape == trained.weight.shape
 
 
 

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdnb.features import match_size, resize_labels
-from kdnb.losses.feature import make_adapter
+from kdnb.losses.feature import make_adapter, normalize_features
 
 __all__ = [
     "ClassCovariance",
@@ -754,11 +754,15 @@ def _prepare_feature_bound(adapted: torch.Tensor, teacher: torch.Tensor,
         _check_labels(labels, cov.shape[0], ignore_index, what)
     dtype = _compute_dtype(adapted)
     noise = _adapter_noise(weight.to(dtype), cov.to(adapted.device, dtype), diagonal)
-    valid = labels != ignore_index
-    # Per position: the variance added to each channel, zero where no class is known.
-    added = noise[torch.where(valid, labels, 0)] * valid.unsqueeze(-1)  # (B, h, w, C_t)
-    added = added.permute(0, 3, 1, 2)  # (B, C_t, h, w)
-    return match_size(teacher.detach().to(dtype), (h, w)), added
+    # Both bounds need the variance added to each channel only as its mean over the
+    # positions of each image, D_bar = sum_k n_bk noise_k / (h w) (zero where no class is
+    # known): per-image class counts times the per-class noise, no (B, C_t, h, w) map.
+    num_cov_classes = cov.shape[0]
+    code = torch.where(labels != ignore_index, labels, num_cov_classes).flatten(1)  # (B, hw)
+    counts = noise.new_zeros(B, num_cov_classes + 1).scatter_add_(
+        1, code, noise.new_ones(code.shape))  # (B, Kc + 1), unlabelled last
+    added_mean = counts[:, :num_cov_classes] @ noise / (h * w)  # (B, C_t)
+    return match_size(teacher.detach().to(dtype), (h, w)), added_mean[:, :, None, None]
 
 
 def fakd_feature_bound(adapted_student_feats: torch.Tensor, teacher_feats: torch.Tensor,
@@ -805,11 +809,11 @@ def fakd_feature_bound(adapted_student_feats: torch.Tensor, teacher_feats: torch
     """
     what = "fakd_feature_bound"
     with _no_autocast(adapted_student_feats.device):
-        teacher, added = _prepare_feature_bound(adapted_student_feats, teacher_feats,
-                                                adapter_weight, class_cov, masks,
-                                                ignore_index, validate, what)
-        mse = (adapted_student_feats.to(teacher.dtype) - teacher).square().mean()
-        return mse + lam * added.mean()
+        teacher, added_mean = _prepare_feature_bound(adapted_student_feats, teacher_feats,
+                                                     adapter_weight, class_cov, masks,
+                                                     ignore_index, validate, what)
+        mse = F.mse_loss(adapted_student_feats.to(teacher.dtype), teacher)
+        return mse + lam * added_mean.mean()  # the trace term, averaged like the MSE
 
 
 def _standardize(x: torch.Tensor, eps: float, added_var: torch.Tensor | None = None
@@ -817,12 +821,12 @@ def _standardize(x: torch.Tensor, eps: float, added_var: torch.Tensor | None = N
     """``(x - mean) / s`` per sample and channel over ``h, w``, with ``s^2 = var + added_var
     + eps`` (biased variance); returns ``(standardized, s^2)``. Without ``added_var`` this
     is NFD's channel normalization (:func:`kdnb.losses.normalize_features`, to rounding);
-    the bound below uses it for the teacher's map and, with the noise's expected
-    variance added, for the student's."""
-    mean = x.mean((2, 3), keepdim=True)
-    var = x.var((2, 3), unbiased=False, keepdim=True)
+    the bound below uses it, with the noise's expected variance added, for the student's
+    map."""
+    centered = x - x.mean((2, 3), keepdim=True)
+    var = centered.square().mean((2, 3), keepdim=True)  # two passes; cheap for autograd
     scale2 = (var if added_var is None else var + added_var) + eps
-    return (x - mean) / torch.sqrt(scale2), scale2
+    return centered * torch.rsqrt(scale2), scale2
 
 
 def fakd_nfd_bound(adapted_student_feats: torch.Tensor, teacher_feats: torch.Tensor,
@@ -878,16 +882,17 @@ def fakd_nfd_bound(adapted_student_feats: torch.Tensor, teacher_feats: torch.Ten
     """
     what = "fakd_nfd_bound"
     with _no_autocast(adapted_student_feats.device):
-        teacher, added = _prepare_feature_bound(adapted_student_feats, teacher_feats,
-                                                adapter_weight, class_cov, masks,
-                                                ignore_index, validate, what)
+        teacher, added_mean = _prepare_feature_bound(adapted_student_feats, teacher_feats,
+                                                     adapter_weight, class_cov, masks,
+                                                     ignore_index, validate, what)
         u = adapted_student_feats.to(teacher.dtype)
         n = u.shape[2] * u.shape[3]
-        added_mean = added.mean((2, 3), keepdim=True)  # D_bar, (B, C_t, 1, 1)
-        normalized, scale2 = _standardize(u, eps, lam * (1 - 1 / n) * added_mean)
-        target, _ = _standardize(teacher, eps)
-        noise = lam * ((1 - 2 / n) * added + added_mean / n)  # E (e_i - mean(e))^2
-        return ((normalized - target).square() + noise / scale2).mean()
+        expected_var = lam * (1 - 1 / n) * added_mean  # E var(e) per sample and channel
+        normalized, scale2 = _standardize(u, eps, expected_var)
+        target = normalize_features(teacher, "channel", eps)  # no gradient: fused kernel
+        # The noise term lam ((1 - 2/n) D_i + D_bar/n) / s^2 averages over the positions
+        # to lam (1 - 1/n) D_bar / s^2: the mean over (b, c, i) needs only D_bar.
+        return F.mse_loss(normalized, target) + (expected_var / scale2).mean()
 
 
 # --------------------------------------------------------------------------- module
