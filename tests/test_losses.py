@@ -419,6 +419,28 @@ def test_skd_matches_pairwise_cosines():
     assert skd_pairwise_loss(randn(1, 3, 5, 5), randn(1, 3, 5, 5, seed=1)).isfinite()  # odd size
 
 
+@pytest.mark.parametrize("pool", [1, 2])
+def test_skd_value_and_gradient_equal_the_explicit_graphs_in_float64(pool):
+    """SKD never forms S_s or the square separately: in float64 its value and the student's
+    gradient equal autograd through the two (B, N, N) similarity graphs."""
+    s = randn(2, 3, 5, 7, seed=1, dtype=torch.float64)  # odd sizes: ceil-mode pooling
+    t = randn(2, 6, 5, 7, seed=2, dtype=torch.float64)
+
+    def graph(f):
+        if pool > 1:
+            f = F.max_pool2d(f, pool, pool, ceil_mode=True)
+        u = F.normalize(f.flatten(2), dim=1)
+        return u.transpose(1, 2) @ u
+
+    got, expected = s.clone().requires_grad_(), s.clone().requires_grad_()
+    loss = skd_pairwise_loss(got, t, pool=pool)
+    loss.backward()
+    reference = (graph(expected) - graph(t)).pow(2).mean()
+    reference.backward()
+    torch.testing.assert_close(loss, reference, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(got.grad, expected.grad, rtol=1e-10, atol=1e-14)
+
+
 def test_ifvd_matches_a_loop_and_skips_ignored_positions():
     s, t = randn(2, 3, 4, 4, seed=1), randn(2, 7, 4, 4, seed=2)
     masks = random_masks(2, 4, 4, seed=3)

@@ -60,6 +60,27 @@ def _pairwise_similarity(f: torch.Tensor) -> torch.Tensor:
         return torch.bmm(f.transpose(1, 2), f)
 
 
+class _SimilarityGap(torch.autograd.Function):
+    """``mean((U_s^T U_s - S_t)^2)`` over ``(B, N, N)`` and its gradient in ``U_s``, at the
+    cost of its matrix products: the difference ``D`` comes out of the student's product
+    (``baddbmm``), the mean is a dot product, and the gradient, ``4 U_s D / (B N^2)``
+    (``D`` is symmetric), is one more product: no separate ``(B, N, N)`` tensors for
+    ``S_s``, the square or their gradients."""
+
+    @staticmethod
+    def forward(ctx, units, teacher_similarity):
+        gap = torch.baddbmm(teacher_similarity, units.transpose(1, 2), units, beta=-1)
+        ctx.save_for_backward(units, gap)
+        flat = gap.view(-1)
+        return torch.dot(flat, flat) / flat.numel()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        units, gap = ctx.saved_tensors
+        return torch.bmm(units, gap) * (4 * grad / gap.numel()), None
+
+
 def skd_pairwise_loss(student_feats: torch.Tensor, teacher_feats: torch.Tensor, *,
                       pool: int = 2) -> torch.Tensor:
     """SKD pairwise distillation: match the position-to-position similarity graph.
@@ -73,7 +94,9 @@ def skd_pairwise_loss(student_feats: torch.Tensor, teacher_feats: torch.Tensor, 
     pooled maps nearest-upsampling changes nothing (exactly, ``pool=1``). With pooling
     the loss sees a map ``pool`` times coarser than its input: nearest-upsampling the
     inputs by 2 and pooling by 2 gives the loss of the original maps with ``pool=1``.
-    Cost: ``S`` has ``B*N^2`` entries (64x128 head features, pool 2: 2048^2 per image).
+    Cost: ``S`` has ``B*N^2`` entries (64x128 head features, pool 2: 2048^2 per image);
+    one ``(B, N, N)`` tensor is kept for backward, and the work is three matrix products
+    (the two graphs, one for the gradient) and a dot product.
 
     The window is a fixed ``pool x pool``, as in CIRKD's ``losses/skd.py`` (2x2 max-pool,
     ``F.normalize``, gradients through the norm): ``pool=2`` is CIRKD's loss. The SKD
@@ -99,7 +122,11 @@ def skd_pairwise_loss(student_feats: torch.Tensor, teacher_feats: torch.Tensor, 
     Introduced in notebooks/04_distillation_runs.ipynb.
     """
     s, t = _pooled_pair(student_feats, teacher_feats, pool, F.max_pool2d)
-    return (_pairwise_similarity(s) - _pairwise_similarity(t)).pow(2).mean()
+    units = F.normalize(s.flatten(2), dim=1)  # (B, C_s, N), a unit vector per position
+    with _full_precision(units.device), torch.no_grad():
+        teacher_similarity = _pairwise_similarity(t)  # (B, N, N)
+    with _full_precision(units.device):
+        return _SimilarityGap.apply(units, teacher_similarity)
 
 
 def _centroid_similarity(f: torch.Tensor, labels: torch.Tensor, num_bins: int,
