@@ -45,7 +45,7 @@ FAKD replaces the loss it augments (``FAKDLoss(on="logits")`` *is* KD at ``lam =
 its cost is also reported against that loss: the rows ``kd+fakd (full) - kd`` and
 ``nfd+fakd (full) - nfd`` are medians of per-repeat differences. The first one at
 K = 19 is the acceptance criterion "FAKD adds at most 5 % to a student step". FAKD runs in
-training mode, so each call also updates its class covariance (one host sync), with
+training mode, so each call also updates its class covariance (no host sync), with
 ``lam = lambda_0`` (the schedule's end; the cost does not depend on it). Masks are blocks
 of random labels (every class present, 5 % ignored): the most classes a batch can hold,
 so the per-class work of FAKD and IFVD is at its largest.

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdnb.features import ChannelAdapter
-from kdnb.losses.augment import (ClassCovariance, FAKDLoss, fakd_feature_bound,
+from kdnb.losses.augment import (ClassCovariance, FAKDLoss, _class_blocks, fakd_feature_bound,
                                  fakd_logit_bound, fakd_nfd_bound)
 
 F64 = torch.float64
@@ -204,6 +204,52 @@ def test_class_covariance_all_reduce_two_ranks(tmp_path):
         assert rank.returncode == 0 and "ok" in out, err[-2000:]
 
 
+@pytest.mark.parametrize("rows", [1, 3, 8, 500])
+def test_class_blocks_hold_each_position_once_in_a_block_of_its_class(gen, rows):
+    """The layout behind FAKD's per-class products: every labelled position in exactly one
+    padded row, of a block of its own class, in its original order; skipped ones in none."""
+    K, N = 6, 200
+    classes = torch.randint(0, K + 1, (N,), generator=gen)  # K: skipped
+    classes[classes == 2] = 3  # an absent class
+    classes[:24] = 4  # a class of exactly 24 positions, a multiple of 1, 3 and 8
+    layout = _class_blocks(classes, K, rows)
+    assert layout.blocks == N // rows + K and layout.source.shape == (layout.blocks * rows,)
+    held = layout.source < N
+    source = layout.source[held]
+    labelled = torch.nonzero(classes < K).flatten()
+    assert torch.equal(source.sort().values, labelled)  # each labelled position once
+    row_class = layout.block_class.repeat_interleave(rows)[held]
+    assert torch.equal(row_class, classes[source])  # in a block of its class
+    for k in range(K):  # in order within a class
+        assert torch.equal(source[row_class == k], torch.nonzero(classes == k).flatten())
+    rows_of = torch.nonzero(held).flatten()
+    assert torch.equal(layout.dest[source], rows_of)  # dest inverts source
+
+
+@pytest.mark.parametrize("on", ["logits", "feats", "nfd"])
+def test_class_covariance_and_fakd_make_no_host_sync(on):
+    """On the meta device any .item(), .tolist(), boolean indexing or branch on a tensor
+    value fails: the covariance update, the bound and its backward run there."""
+    for diagonal in (False, True):
+        classifier = nn.Conv2d(4, 5, 1).to("meta")
+        loss = FAKDLoss(5, 4, classifier=classifier if on == "logits" else None, on=on,
+                        teacher_channels=3, diagonal=diagonal).to("meta").train()
+        loss.set_progress(1, 2)
+        feats = torch.randn(2, 4, 6, 7, device="meta", requires_grad=True)
+        logits = torch.randn(2, 5, 6, 7, device="meta", requires_grad=True)
+        teacher = {"logits": torch.randn(2, 5, 6, 7, device="meta"),
+                   "feats": torch.randn(2, 3, 6, 7, device="meta")}
+        masks = torch.zeros(2, 12, 14, dtype=torch.long, device="meta")
+        value = loss({"feats": feats, "logits": logits}, teacher, masks)
+        value.backward()
+        assert value.shape == ()
+        grad = logits.grad if on == "logits" else feats.grad
+        assert grad is not None and grad.shape == (2, 5 if on == "logits" else 4, 6, 7)
+        trained = classifier if on == "logits" else loss.owned_adapter.conv
+        assert trained.weight.grad.shape == trained.weight.shape
+
+
+
 # --------------------------------------------------------------------------- logit bound
 
 @pytest.mark.parametrize("temperature", [1.0, 2.5])
@@ -316,6 +362,36 @@ def test_logit_bound_does_not_depend_on_chunking_or_resolution(gen):
     image_masks = masks.repeat_interleave(4, -1).repeat_interleave(4, -2)
     torch.testing.assert_close(fakd_logit_bound(zs, zt, W, cov, image_masks, lam=0.9),
                                values[2], rtol=1e-12, atol=1e-12)
+
+
+def test_logit_bound_equals_the_explicit_log_sum_exp(gen):
+    """The bound never forms the (N, K, K) log-sum-exp: its value and gradients (logits and
+    classifier) equal that explicit form in float64, for logits far apart and a strong lam,
+    whatever the chunking."""
+    zs, zt, W, cov, masks = logit_inputs(gen, K=6, C=5, h=5, w=6, cov_scale=2.0)
+    zs = 40 * zs  # logits up to about 150 apart
+    lam, T = 7.5, 1.5
+
+    def explicit(z, W):
+        y = masks.reshape(-1)
+        keep = y != 255
+        d = W.unsqueeze(0) - W.unsqueeze(1)  # (K, K, C): w_j - w_k at [j, k]
+        q = torch.einsum("jkc,ycd,jkd->yjk", d, cov, d)  # Q_y[j, k]
+        zz, yy = flat(z)[keep] / T, y[keep]
+        a = zz.unsqueeze(2) - zz.unsqueeze(1) + lam / (2 * T ** 2) * q[yy]  # (N, K, K)
+        logp = torch.log_softmax(flat(zt)[keep] / T, 1)
+        return T ** 2 * (logp.exp() * (logp + torch.logsumexp(a, 1))).sum(1).mean()
+
+    expected_z, expected_w = zs.clone().requires_grad_(), W.clone().requires_grad_()
+    expected = explicit(expected_z, expected_w)
+    expected.backward()
+    for chunk in (None, 1, 7):
+        z, w = zs.clone().requires_grad_(), W.clone().requires_grad_()
+        value = fakd_logit_bound(z, zt, w, cov, masks, lam=lam, temperature=T, chunk_size=chunk)
+        value.backward()
+        torch.testing.assert_close(value, expected, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(z.grad, expected_z.grad, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(w.grad, expected_w.grad, rtol=1e-10, atol=1e-12)
 
 
 def test_logit_bound_computes_in_float32_under_autocast(gen):

@@ -324,6 +324,41 @@ def test_normalize_features_standardizes_exactly_the_named_axes(norm):
     assert normalize_features(x, "none") is x
 
 
+def standardized_by_definition(x, axes, eps):
+    """(x - mean) / sqrt(var + eps) over ``axes``, biased var: autograd through var_mean,
+    the formula normalize_features computed before it used PyTorch's fused kernels."""
+    var, mean = torch.var_mean(x, dim=axes, correction=0, keepdim=True)
+    return (x - mean) * torch.rsqrt(var + eps)
+
+
+@pytest.mark.parametrize("norm", AXES)
+@pytest.mark.parametrize("shape", [(2, 4, 5, 6), (1, 3, 1, 1), (3, 4, 1, 2)])
+@pytest.mark.parametrize("eps", [1e-5, 0.0])
+def test_normalize_features_and_nfd_equal_the_definition_in_float64(norm, shape, eps):
+    """Values and gradients of the fused normalizations against the formula, in float64,
+    with one value per group (h = w = 1) and without eps as edge cases."""
+    x = structured_features().double()[:shape[0], :shape[1], :shape[2], :shape[3]].clone()
+    if eps == 0.0 and math.prod(shape[i] for i in AXES[norm]) == 1:
+        return  # a single value over the axes and no eps: 0 / 0
+    upstream = randn(*shape, seed=7, dtype=torch.float64)
+    got, expected = x.clone().requires_grad_(), x.clone().requires_grad_()
+    (normalize_features(got, norm, eps) * upstream).sum().backward()
+    (standardized_by_definition(expected, AXES[norm], eps) * upstream).sum().backward()
+    torch.testing.assert_close(normalize_features(x, norm, eps),
+                               standardized_by_definition(x, AXES[norm], eps),
+                               rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got.grad, expected.grad, rtol=1e-10, atol=1e-10)
+    teacher = randn(*shape, seed=8, dtype=torch.float64) * 3 + 1
+    got, expected = x.clone().requires_grad_(), x.clone().requires_grad_()
+    nfd_loss(got, teacher, norm=norm, eps=eps).backward()
+    reference = (standardized_by_definition(expected, AXES[norm], eps)
+                 - standardized_by_definition(teacher, AXES[norm], eps)).pow(2).mean()
+    reference.backward()
+    torch.testing.assert_close(nfd_loss(x, teacher, norm=norm, eps=eps), reference.detach(),
+                               rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got.grad, expected.grad, rtol=1e-10, atol=1e-10)
+
+
 # per normalization, the teacher transformation it must not see: (a, b) shapes
 AFFINE_SHAPES = {
     "channel": (1, 6, 1, 1),  # a, b per channel; per (sample, channel) would do too
@@ -384,6 +419,36 @@ def test_skd_matches_pairwise_cosines():
     assert skd_pairwise_loss(randn(1, 3, 5, 5), randn(1, 3, 5, 5, seed=1)).isfinite()  # odd size
 
 
+@pytest.mark.parametrize("pool", [1, 2])
+def test_skd_value_and_gradient_equal_the_explicit_graphs_in_float64(pool):
+    """SKD never forms S_s or the square separately: in float64 its value and the student's
+    gradient equal autograd through the two (B, N, N) similarity graphs."""
+    s = randn(2, 3, 5, 7, seed=1, dtype=torch.float64)  # odd sizes: ceil-mode pooling
+    t = randn(2, 6, 5, 7, seed=2, dtype=torch.float64)
+
+    def graph(f):
+        if pool > 1:
+            f = F.max_pool2d(f, pool, pool, ceil_mode=True)
+        u = F.normalize(f.flatten(2), dim=1)
+        return u.transpose(1, 2) @ u
+
+    got, expected = s.clone().requires_grad_(), s.clone().requires_grad_()
+    loss = skd_pairwise_loss(got, t, pool=pool)
+    loss.backward()
+    reference = (graph(expected) - graph(t)).pow(2).mean()
+    reference.backward()
+    torch.testing.assert_close(loss, reference, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(got.grad, expected.grad, rtol=1e-10, atol=1e-14)
+
+
+def test_skd_in_float32_sums_its_graph_accurately():
+    """2 x 1024^2 pairs: the float32 loss is within 1e-6 of its float64 value (a single
+    float32 dot over all pairs was 3e-6 off at this size)."""
+    s, t = randn(2, 8, 64, 64, seed=1), randn(2, 16, 64, 64, seed=2)
+    torch.testing.assert_close(skd_pairwise_loss(s, t).double(),
+                               skd_pairwise_loss(s.double(), t.double()), rtol=1e-6, atol=0)
+
+
 def test_ifvd_matches_a_loop_and_skips_ignored_positions():
     s, t = randn(2, 3, 4, 4, seed=1), randn(2, 7, 4, 4, seed=2)
     masks = random_masks(2, 4, 4, seed=3)
@@ -408,6 +473,35 @@ def test_ifvd_matches_a_loop_and_skips_ignored_positions():
     # masks at image size are nearest-resized to the features
     torch.testing.assert_close(ifvd_loss(s, t, up2(masks), num_classes=K), loss)
     assert ifvd_loss(s, t, torch.full_like(masks, 255), num_classes=K).item() == 0.0
+
+
+def test_ifvd_value_and_gradient_equal_cosine_similarity_in_float64():
+    """IFVD's similarities come from one product against all centroids: in float64 the value
+    and the student's gradient equal F.cosine_similarity to each gathered centroid, with a
+    zero feature vector among the positions (gradient finite, as with F.cosine_similarity)."""
+    s = randn(2, 3, 5, 6, seed=1, dtype=torch.float64)
+    s[0, :, 2, 3] = 0  # a dead position
+    t = randn(2, 7, 5, 6, seed=2, dtype=torch.float64)
+    masks = random_masks(2, 5, 6, seed=3)
+
+    def reference(f):
+        m = masks.flatten(1)
+        labels = torch.where(m == 255, K, m)
+        feats = f.flatten(2).transpose(1, 2)  # (B, N, C)
+        onehot = F.one_hot(labels, K + 1).to(f.dtype)  # (B, N, K+1)
+        centroids = onehot.transpose(1, 2) @ feats / onehot.sum(1).clamp_min(1)[..., None]
+        centre = centroids.gather(1, labels[..., None].expand(-1, -1, f.shape[1]))
+        return F.cosine_similarity(feats, centre, dim=2, eps=1e-8)  # (B, N)
+
+    valid = (masks != 255).flatten(1).to(torch.float64)
+    got, expected = s.clone().requires_grad_(), s.clone().requires_grad_()
+    loss = ifvd_loss(got, t, masks, num_classes=K)
+    loss.backward()
+    ref = ((reference(expected) - reference(t)).pow(2) * valid).sum() / valid.sum()
+    ref.backward()
+    torch.testing.assert_close(loss, ref, rtol=1e-12, atol=1e-12)
+    assert torch.isfinite(got.grad).all()
+    torch.testing.assert_close(got.grad, expected.grad, rtol=1e-10, atol=1e-12)
 
 
 # ----------------------------------------------------------------------------- registry

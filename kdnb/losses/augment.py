@@ -32,17 +32,17 @@ Introduced in notebooks/03_semantic_direction_augmentation.ipynb.
 """
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Callable, Mapping, Union
+from typing import Callable, Mapping, NamedTuple, Union
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from kdnb.features import match_size, resize_labels
-from kdnb.losses.feature import make_adapter
+from kdnb.losses.feature import make_adapter, normalize_features
 
 __all__ = [
     "ClassCovariance",
@@ -59,6 +59,8 @@ __all__ = [
 
 def _no_autocast(device: torch.device):
     """A context that switches autocast off: FAKD computes in float32 (sums in float64)."""
+    if not torch.amp.is_autocast_available(device.type):
+        return contextlib.nullcontext()  # e.g. "meta", where the tests look for host syncs
     return torch.autocast(device_type=device.type, enabled=False)
 
 
@@ -92,11 +94,25 @@ def _check_labels(labels: torch.Tensor, num_classes: int, ignore_index: int, wha
     """Raises on labels outside ``[0, num_classes)`` that are not ``ignore_index``.
 
     One host sync on a GPU (a boolean read); the trainer path skips it because
-    :meth:`ClassCovariance.update` has already checked the same masks.
+    :meth:`ClassCovariance.update` has already checked the same masks
+    (:func:`_assert_labels`, without a sync).
     """
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= num_classes))
     if bool(bad.any()):
         raise _bad_labels_error(labels, num_classes, ignore_index, what)
+
+
+def _assert_labels(labels: torch.Tensor, num_classes: int, ignore_index: int, what: str) -> None:
+    """Checks the label range without a host sync: on a CPU it raises the ``ValueError`` of
+    :func:`_check_labels` (reading a CPU tensor costs no sync); on a GPU it queues an
+    assertion on the device (``torch._assert_async``), which fails the next synchronizing
+    call with a device-side assert instead of waiting for the device now."""
+    if labels.device.type == "cpu":
+        _check_labels(labels, num_classes, ignore_index, what)
+    elif labels.device.type != "meta":
+        bad = (labels != ignore_index) & ((labels < 0) | (labels >= num_classes))
+        torch._assert_async(~bad.any(), f"{what}: labels must be in [0, {num_classes}) or "
+                                        f"{ignore_index} (ignore)")
 
 
 def _linear_weight(weight: torch.Tensor | nn.Module, what: str, role: str) -> torch.Tensor:
@@ -158,6 +174,78 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
     return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
 
 
+#: float64 elements of one span of class blocks (FAKD's statistics and logit bound): 2 MB,
+#: which a core's cache holds while the span is converted, multiplied and summed
+_SPAN_ELEMENTS = 2 ** 18
+
+
+class _ClassBlocks(NamedTuple):
+    """Positions laid out in blocks of ``rows`` rows, each block holding one class only, so
+    that per-class products become batched matrix products (see :func:`_class_blocks`)."""
+
+    source: torch.Tensor  # (G * rows,) the position in each padded row; N if it is empty
+    dest: torch.Tensor  # (N,) the padded row of each position (any row if skipped)
+    block_class: torch.Tensor  # (G,) the class of each block (empty blocks: any class)
+    rows: int  # positions per block
+    blocks: int  # G, an upper bound on the blocks needed, known without reading the labels
+
+    def gather(self, x: torch.Tensor, first: int = 0, last: int | None = None) -> torch.Tensor:
+        """Blocks ``first:last`` (default: all) of ``x`` in the block layout,
+        ``((last - first) * rows, D)``. ``x (N + 1, D)``: its last row fills the empty rows
+        (zeros, or anything where they are multiplied by zero later); ``x (N, D)``: the
+        empty rows hold copies of some position's row."""
+        index = self.source[first * self.rows:None if last is None else last * self.rows]
+        if x.shape[0] == self.dest.shape[0]:  # no filler row
+            index = index.clamp(max=max(x.shape[0] - 1, 0))
+        return x.index_select(0, index)
+
+    def spans(self, blocks_per_span: int) -> list[tuple[int, int]]:
+        """``(first, last)`` block ranges of at most ``blocks_per_span`` blocks each."""
+        step = max(1, int(blocks_per_span))
+        return [(i, min(i + step, self.blocks)) for i in range(0, self.blocks, step)]
+
+    def span(self, x: torch.Tensor, first: int, last: int) -> torch.Tensor:
+        """Blocks ``first:last`` of ``x (G * rows, D)`` (the block layout) as
+        ``(last - first, rows, D)``, a view."""
+        return x[first * self.rows:last * self.rows].view(last - first, self.rows, x.shape[1])
+
+
+def _class_blocks(classes: torch.Tensor, num_classes: int, rows: int) -> _ClassBlocks:
+    """Groups positions by class into blocks of ``rows`` positions, without a host sync.
+
+    ``classes (N,)`` holds labels in ``[0, num_classes]``, ``num_classes`` meaning "skip".
+    Class ``k`` gets ``ceil(n_k / rows)`` consecutive blocks; its positions keep their order
+    (a stable sort), so sums over a class round the same way on every run. The number of
+    blocks is at most ``N // rows + num_classes`` whatever the labels, so every shape here
+    is known on the host: nothing waits for the device to count the classes.
+    """
+    device, n = classes.device, classes.numel()
+    rows = max(1, int(rows))
+    blocks = n // rows + num_classes
+    counts = torch.zeros(num_classes + 1, dtype=torch.long, device=device)
+    counts.index_add_(0, classes, torch.ones_like(classes))  # (K + 1,), skipped last
+    # grouped by class, skipped last (int32 keys sort faster)
+    order = torch.sort(classes.to(torch.int32), stable=True).indices
+    first = torch.cumsum(counts, 0) - counts  # first sorted index of each class
+    per_class = (counts[:num_classes] + rows - 1) // rows  # blocks of each class
+    ends = torch.cumsum(per_class, 0)
+    first_block = ends - per_class
+    block_class = torch.searchsorted(ends, torch.arange(blocks, device=device), right=True)
+    block_class = block_class.clamp_(max=num_classes - 1)  # (blocks past the last used: any)
+    # block b of class k starts at the (b - first_block[k]) * rows -th position of class k
+    start = first[block_class] + (torch.arange(blocks, device=device)
+                                  - first_block[block_class]) * rows  # sorted index, (G,)
+    end = (first + counts)[block_class]  # where class k ends in the sorted order
+    index = start[:, None] + torch.arange(rows, device=device)  # (G, rows)
+    held = index < end[:, None]  # (blocks past the last used one fail it too)
+    source = torch.where(held, order[index.clamp_(max=max(n - 1, 0))], n).view(-1)
+    # position i: its rank in its class from its place in the sorted order
+    place = torch.empty_like(order).scatter_(0, order, torch.arange(n, device=device))
+    c = classes.clamp(max=num_classes - 1)
+    dest = (first_block * rows - first[:num_classes])[c] + place
+    return _ClassBlocks(source, dest, block_class, rows, blocks)
+
+
 # --------------------------------------------------------------------------- statistics
 
 class ClassCovariance(nn.Module):
@@ -217,7 +305,7 @@ class ClassCovariance(nn.Module):
             feats: ``(B, C, h, w)``; detached here, any float dtype.
             masks: ``(B, H, W)`` labels at any size, nearest-resized to ``(h, w)``;
                 ``ignore_index`` positions are skipped, other labels outside ``[0, K)``
-                raise.
+                raise (on a GPU: a device-side assertion, see below).
             sync: under ``torch.distributed``, all-reduce this batch's statistics before
                 adding them, so every rank holds the global running statistics (every rank
                 must then call ``update``). A no-op when no process group is initialized.
@@ -225,9 +313,11 @@ class ClassCovariance(nn.Module):
         Returns:
             ``self``.
 
-        One host sync per call (to check the labels and to list the classes present: the
-        full outer products are accumulated one present class at a time, which keeps
-        memory at ``O(B h w C)`` whatever ``K``).
+        No host sync: the positions are grouped by class on the device into blocks of one
+        class each (:func:`_class_blocks`), and the outer products of all blocks are one
+        batched matrix product, a few blocks at a time, which keeps memory at
+        ``O(B h w C)`` whatever ``K``. The labels are checked on a CPU (``ValueError``); on
+        a GPU a bad label trips a device-side assertion at the next synchronizing call.
         """
         what = "ClassCovariance.update"
         _check_4d(feats, "feats", what)
@@ -235,41 +325,30 @@ class ClassCovariance(nn.Module):
             raise ValueError(f"{what}: expected feats with C = {self.dim} channels (the "
                              f"estimator's dim), got {tuple(feats.shape)}")
         labels = _labels_at(masks.to(feats.device), feats.shape[-2:], feats.shape[0], what)
-        K = self.num_classes
+        K, C = self.num_classes, self.dim
         with _no_autocast(feats.device):
-            x = _flat(feats.detach())  # (N, C), converted to float64 class by class
             y = labels.reshape(-1)  # (N,)
-            in_range = (y >= 0) & (y < K)
-            # Bins: 0..K-1 classes, K ignored, K+1 out of range.
-            code = torch.where(in_range, y, torch.where(y == self.ignore_index, K, K + 1))
-            hist = torch.bincount(code, minlength=K + 2).tolist()  # the one host sync
-            if hist[K + 1]:
-                raise _bad_labels_error(y, K, self.ignore_index, what)
+            _assert_labels(y, K, self.ignore_index, what)
+            keep = (y >= 0) & (y < K)
+            code = torch.where(keep, y, K)  # K: skipped (ignored)
             distributed = sync and dist.is_available() and dist.is_initialized()
             if distributed:
                 n, s, ss = (torch.zeros_like(b)
                             for b in (self.n_seen, self.feat_sum, self.feat_sq_sum))
             else:
                 n, s, ss = self.n_seen, self.feat_sum, self.feat_sq_sum
-            counts = torch.tensor(hist[:K], dtype=torch.float64, device=x.device)
-            n.add_(counts)
+            f64 = torch.float64
+            counts = torch.zeros(K + 1, dtype=f64, device=feats.device)
+            counts.index_add_(0, code, torch.ones_like(code, dtype=f64))  # exact below 2^53
+            n.add_(counts[:K])
             if self.diagonal:
-                keep = code < K
+                x = _flat(feats.detach())  # (N, C)
                 safe = torch.where(keep, code, 0)
-                x = x.to(torch.float64) * keep.to(torch.float64)[:, None]
+                x = x.to(f64) * keep.to(f64)[:, None]
                 s.index_add_(0, safe, x)
                 ss.index_add_(0, safe, x.square())
             else:
-                # A stable sort: the order within a class, hence the rounding of the
-                # float64 sums, does not depend on the sort's implementation.
-                order = torch.argsort(code, stable=True)  # grouped by class, ignored last
-                groups = torch.split(order, hist)
-                for k in range(K):
-                    if hist[k] == 0:
-                        continue
-                    xk = x.index_select(0, groups[k]).to(torch.float64)  # (n_k, C)
-                    s[k].add_(xk.sum(0))
-                    ss[k].addmm_(xk.T, xk)
+                self._add_outer_products(feats.detach(), code, s, ss)
             if distributed:
                 for t in (n, s, ss):
                     dist.all_reduce(t)
@@ -277,6 +356,26 @@ class ClassCovariance(nn.Module):
                 self.feat_sum.add_(s)
                 self.feat_sq_sum.add_(ss)
         return self
+
+    def _add_outer_products(self, feats: torch.Tensor, code: torch.Tensor, s: torch.Tensor,
+                            ss: torch.Tensor) -> None:
+        """Adds ``sum x`` to ``s`` and ``sum x x^T`` to ``ss`` per class ``code (N,)`` (``K``:
+        skipped), one batched float64 product over blocks of one class each."""
+        B, C, h, w = feats.shape
+        K, N = self.num_classes, code.numel()
+        # positions as rows, and a last row of zeros for the layout's empty rows
+        x = feats.new_empty(N + 1, C, dtype=_compute_dtype(feats))
+        x[N] = 0
+        x[:N].view(B, h, w, C).copy_(feats.permute(0, 2, 3, 1))
+        # Blocks of an eighth of the mean class size: the padding (at most one block per
+        # class) then adds at most an eighth to the positions.
+        rows = max(1, min(1024, N // (8 * K)))
+        layout = _class_blocks(code, K, rows)
+        for first, last in layout.spans(_SPAN_ELEMENTS // (C * (C + rows))):
+            block = layout.gather(x, first, last).to(torch.float64).view(-1, rows, C)
+            classes = layout.block_class[first:last]
+            s.index_add_(0, classes, block.sum(1))
+            ss.index_add_(0, classes, torch.bmm(block.mT, block))  # (n_blocks, C, C)
 
     def _check_compatible(self, other: "ClassCovariance") -> None:
         if not isinstance(other, ClassCovariance):
@@ -366,23 +465,73 @@ def _pairwise_quadratic(weight: torch.Tensor, cov: torch.Tensor, diagonal: bool)
     return q.clamp_min(0)
 
 
-_CHUNK_ELEMENTS = 2 ** 23  # default size of one (n, K, K) block of the logit bound
+class _LogitBoundSum(torch.autograd.Function):
+    """``sum_n sum_k pw[n, k] * lse_j(z[n, j] - z[n, k] + a[y_n, j, k])`` and its gradient,
+    without any ``(N, K, K)`` tensor.
 
-
-def _logit_bound_chunk(z: torch.Tensor, p: torch.Tensor, logp: torch.Tensor, y: torch.Tensor,
-                       coef: torch.Tensor, weight: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """Weighted sum over one chunk of positions of
-    ``sum_k p_k [log p_k + lse_j(z_j - z_k + c Q_y[j, k])]``.
-
-    ``z`` is already divided by the temperature; ``coef (n,)`` is ``c = lambda / (2 T^2)``
-    where the position is augmented and 0 where it is not; ``weight (n,)`` its weight in
-    the mean.
+    With ``e = exp(z - max_j z)`` per position and ``m_y = exp(a_y - max_j a_y)`` per class
+    and column, the sum inside the log-sum-exp factors, ``sum_j exp(z_j + a_y[j, k]) =
+    exp(max z + max_j a_y[:, k]) * (e @ m_y)[k]``: one small matrix product per block of
+    positions of one class (:func:`_class_blocks`), in float64, whose range (``1e-308``)
+    holds the product of the two shifted factors for any logits within about 700 of each
+    other. The gradient is analytic: with ``s = e @ m_y`` and ``r = pw / s``,
+    ``dz = e * (r @ m_y^T) - pw`` and ``da_y = m_y * (e^T r)`` summed over the positions
+    of class ``y``. Both run span by span of blocks (a span's tensors stay in cache); only
+    ``dz`` goes back to the positions. ``pw`` has ``N + 1`` rows, the last one zero (the
+    empty rows of the layout). Returns a float64 sum.
     """
-    a = q.index_select(0, y).mul_(coef.view(-1, 1, 1))  # (n, K, K): c * Q_y[j, k]
-    a.add_(z.unsqueeze(2)).sub_(z.unsqueeze(1))  # + z_j - z_k   (j on dim 1, k on dim 2)
-    lse = torch.logsumexp(a, dim=1)  # (n, K), over j
-    per_position = (p * (logp + lse)).sum(1)  # (n,)
-    return (per_position * weight).sum()
+
+    @staticmethod
+    def forward(ctx, z, a, pw, layout: _ClassBlocks, per_span: int):
+        f64 = torch.float64
+        rows, K = layout.rows, z.shape[1]
+        a_max = a.amax(1)  # (Kb, K): over j, per class and column k
+        m = torch.exp((a - a_max.unsqueeze(1)).to(f64))  # (Kb, K, K), in (0, 1]
+        a_max = a_max.to(f64)
+        z64, pw = z.to(f64), pw.to(f64)
+        e = z64.new_empty(layout.blocks * rows, K)  # in the block layout, kept for backward
+        s, pw_blocks = torch.empty_like(e), torch.empty_like(e)
+        total = z64.new_zeros(())
+        for first, last in layout.spans(per_span):
+            classes = layout.block_class[first:last]
+            zb = layout.gather(z64, first, last)  # (n * rows, K); empty rows: any logits
+            pwb = torch.index_select(pw, 0, layout.source[first * rows:last * rows],
+                                     out=layout.span(pw_blocks, first, last).view(-1, K))
+            z_max = zb.amax(1, keepdim=True)
+            eb = torch.sub(zb, z_max, out=layout.span(e, first, last).view(-1, K)).exp_()
+            sb = torch.bmm(eb.view(-1, rows, K), m[classes],
+                           out=layout.span(s, first, last))  # (n, rows, K)
+            # sum pw * (log s + max z - z_k + max_j a_y[:, k]), term by term
+            flat = pwb.view(-1)
+            total += (torch.dot(flat, torch.log(sb).view(-1)) - torch.dot(flat, zb.view(-1))
+                      + torch.dot(pwb.sum(1), z_max.view(-1))
+                      + (pwb.view(-1, rows, K).sum(1) * a_max[classes]).sum())
+        ctx.save_for_backward(e, s, m, pw_blocks)
+        ctx.layout, ctx.per_span, ctx.dtype = layout, per_span, z.dtype
+        return total  # float64
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        e, s, m, pw_blocks = ctx.saved_tensors
+        layout, per_span = ctx.layout, ctx.per_span
+        grad = grad.to(torch.float64)
+        need_z, need_a = ctx.needs_input_grad[:2]
+        dz = torch.empty_like(e) if need_z else None  # in the block layout
+        outer = torch.zeros_like(m) if need_a else None  # (Kb, K, K): sum of e^T r per class
+        for first, last in layout.spans(per_span):
+            classes = layout.block_class[first:last]
+            pwb = layout.span(pw_blocks, first, last)
+            eb = layout.span(e, first, last)
+            r = torch.div(pwb, layout.span(s, first, last)).mul_(grad)  # (n, rows, K)
+            if need_z:
+                dzb = torch.bmm(r, m[classes].mT, out=layout.span(dz, first, last))
+                dzb.mul_(eb).addcmul_(pwb, -grad)
+            if need_a:
+                outer.index_add_(0, classes, torch.bmm(eb.mT, r))
+        grad_z = dz.index_select(0, layout.dest).to(ctx.dtype) if need_z else None
+        grad_a = outer.mul_(m).to(ctx.dtype) if need_a else None
+        return grad_z, grad_a, None, None, None
 
 
 def semantic_shift(logits: torch.Tensor, classifier_weight: torch.Tensor | nn.Module,
@@ -486,13 +635,14 @@ def fakd_logit_bound(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
         masks: labels at any size, nearest-resized to ``(h, w)``; they pick ``Sigma_y``.
         lam: augmentation strength ``lambda`` (a float or a 0-dim tensor).
         temperature: ``T``.
-        chunk_size: positions per chunk. The ``(n, K, K)`` log-sum-exp of one chunk is the
-            memory peak; with gradients each chunk is recomputed in backward (activation
-            checkpointing), so nothing of size ``(N, K, K)`` is ever kept. Default: as many
-            positions as keep a block at ``2^23`` elements (32 MB in float32), at most
-            4096 (372 positions at K = 150, 4096 at K <= 45). Larger blocks are not faster
-            on a CPU: at K = 150 a chunk of 4096 took three times longer than 256 (fresh
-            pages for every block).
+        chunk_size: positions per chunk. Nothing of size ``(N, K, K)`` is formed: the
+            log-sum-exp over ``j`` factors into ``exp(z - max z) @ exp(c Q_y - max_j c Q_y)``,
+            a ``(K, K)`` product per class (positions grouped by class in blocks of at most
+            256, on the device, without a host sync), summed in float64, with an analytic
+            backward; what is kept for backward is ``O(N K)``. A chunk of blocks is
+            processed at a time, which bounds the per-class matrices gathered for it
+            (``(blocks, K, K)``) and keeps its tensors in cache. Default: chunks of about
+            ``2^18`` float64 elements (2 MB).
         ignore_index: label of positions without a class.
         keep_ignored: count ignored positions in the mean with their plain, unaugmented KD
             (as :class:`kdnb.losses.PixelKDLoss` does by default, after CIRKD) instead of
@@ -536,9 +686,7 @@ def fakd_logit_bound(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     if temperature <= 0 or (isinstance(lam, (int, float)) and lam < 0):
         raise ValueError(f"{what}: needs temperature > 0 and lam >= 0, got {temperature} "
                          f"and {lam}")
-    if chunk_size is None:
-        chunk_size = max(1, min(4096, _CHUNK_ELEMENTS // (K * K)))
-    elif chunk_size < 1:
+    if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"{what}: chunk_size must be >= 1, got {chunk_size}")
     num_cov_classes = cov.shape[0]
     labels = _labels_at(masks.to(student_logits.device), (h, w), B, what)
@@ -548,27 +696,32 @@ def fakd_logit_bound(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     device, dtype = student_logits.device, _compute_dtype(student_logits)
     with _no_autocast(device):
         q = _pairwise_quadratic(weight.to(dtype), cov.to(device, dtype), diagonal)  # (Kc, K, K)
+        # one more class, of no noise (Q = 0), for the positions without a label
+        q = torch.cat([q, q.new_zeros(1, K, K)])  # (Kc + 1, K, K)
         z = _flat(student_logits.to(dtype)) / temperature  # (N, K)
         teacher = match_size(teacher_logits.detach().to(dtype), (h, w))
         logp = F.log_softmax(_flat(teacher) / temperature, dim=1)  # (N, K)
         p = logp.exp()
         y = labels.reshape(-1)
-        valid = (y != ignore_index).to(dtype)
-        y = torch.where(y != ignore_index, y, 0)
-        coef = valid * (lam / (2.0 * temperature ** 2))  # no augmentation without a class
-        pos_weight = torch.ones_like(valid) if keep_ignored else valid
-        track = torch.is_grad_enabled() and (z.requires_grad or q.requires_grad)
-        total = z.new_zeros(())
-        for start in range(0, z.shape[0], chunk_size):
-            part = slice(start, start + chunk_size)
-            args = (z[part], p[part], logp[part], y[part], coef[part], pos_weight[part], q)
-            if track:
-                # Recomputed in backward: only the (n, K, K) of one chunk is ever alive.
-                total = total + checkpoint(_logit_bound_chunk, *args, use_reentrant=False,
-                                           preserve_rng_state=False)
-            else:
-                total = total + _logit_bound_chunk(*args)
-        return temperature ** 2 * total / pos_weight.sum().clamp_min(1)
+        labelled = y != ignore_index
+        classes = torch.where(labelled, y, num_cov_classes)  # (N,) in [0, Kc]
+        pos_weight = torch.ones_like(p[:, 0]) if keep_ignored else labelled.to(dtype)
+        n = z.shape[0]
+        # (N + 1, K) in float64, like the sums: the last row fills the layout's empty rows
+        pw = p.new_zeros(n + 1, K, dtype=torch.float64)
+        torch.mul(p, pos_weight[:, None], out=pw[:n])
+        # a quarter of a class's positions per block: the padding adds at most a quarter
+        rows = max(1, min(256, n // (4 * (num_cov_classes + 1))))
+        if chunk_size is None:
+            per_span = _SPAN_ELEMENTS // (K * K + 4 * rows * K)
+        else:
+            rows = min(rows, chunk_size)
+            per_span = chunk_size // rows
+        layout = _class_blocks(classes, num_cov_classes + 1, rows)
+        a = q * (lam / (2.0 * temperature ** 2))  # c * Q_y[j, k]
+        total = _LogitBoundSum.apply(z, a, pw, layout, per_span)  # float64
+        total = total + (pw[:n] * logp).sum()  # + sum_k p_k log p_k
+        return (temperature ** 2 * total / pos_weight.sum().clamp_min(1)).to(dtype)
 
 
 def _adapter_noise(weight: torch.Tensor, cov: torch.Tensor, diagonal: bool) -> torch.Tensor:
@@ -601,11 +754,15 @@ def _prepare_feature_bound(adapted: torch.Tensor, teacher: torch.Tensor,
         _check_labels(labels, cov.shape[0], ignore_index, what)
     dtype = _compute_dtype(adapted)
     noise = _adapter_noise(weight.to(dtype), cov.to(adapted.device, dtype), diagonal)
-    valid = labels != ignore_index
-    # Per position: the variance added to each channel, zero where no class is known.
-    added = noise[torch.where(valid, labels, 0)] * valid.unsqueeze(-1)  # (B, h, w, C_t)
-    added = added.permute(0, 3, 1, 2)  # (B, C_t, h, w)
-    return match_size(teacher.detach().to(dtype), (h, w)), added
+    # Both bounds need the variance added to each channel only as its mean over the
+    # positions of each image, D_bar = sum_k n_bk noise_k / (h w) (zero where no class is
+    # known): per-image class counts times the per-class noise, no (B, C_t, h, w) map.
+    num_cov_classes = cov.shape[0]
+    code = torch.where(labels != ignore_index, labels, num_cov_classes).flatten(1)  # (B, hw)
+    counts = noise.new_zeros(B, num_cov_classes + 1).scatter_add_(
+        1, code, noise.new_ones(code.shape))  # (B, Kc + 1), unlabelled last
+    added_mean = counts[:, :num_cov_classes] @ noise / (h * w)  # (B, C_t)
+    return match_size(teacher.detach().to(dtype), (h, w)), added_mean[:, :, None, None]
 
 
 def fakd_feature_bound(adapted_student_feats: torch.Tensor, teacher_feats: torch.Tensor,
@@ -652,11 +809,11 @@ def fakd_feature_bound(adapted_student_feats: torch.Tensor, teacher_feats: torch
     """
     what = "fakd_feature_bound"
     with _no_autocast(adapted_student_feats.device):
-        teacher, added = _prepare_feature_bound(adapted_student_feats, teacher_feats,
-                                                adapter_weight, class_cov, masks,
-                                                ignore_index, validate, what)
-        mse = (adapted_student_feats.to(teacher.dtype) - teacher).square().mean()
-        return mse + lam * added.mean()
+        teacher, added_mean = _prepare_feature_bound(adapted_student_feats, teacher_feats,
+                                                     adapter_weight, class_cov, masks,
+                                                     ignore_index, validate, what)
+        mse = F.mse_loss(adapted_student_feats.to(teacher.dtype), teacher)
+        return mse + lam * added_mean.mean()  # the trace term, averaged like the MSE
 
 
 def _standardize(x: torch.Tensor, eps: float, added_var: torch.Tensor | None = None
@@ -664,12 +821,12 @@ def _standardize(x: torch.Tensor, eps: float, added_var: torch.Tensor | None = N
     """``(x - mean) / s`` per sample and channel over ``h, w``, with ``s^2 = var + added_var
     + eps`` (biased variance); returns ``(standardized, s^2)``. Without ``added_var`` this
     is NFD's channel normalization (:func:`kdnb.losses.normalize_features`, to rounding);
-    the bound below uses it for the teacher's map and, with the noise's expected
-    variance added, for the student's."""
-    mean = x.mean((2, 3), keepdim=True)
-    var = x.var((2, 3), unbiased=False, keepdim=True)
+    the bound below uses it, with the noise's expected variance added, for the student's
+    map."""
+    centered = x - x.mean((2, 3), keepdim=True)
+    var = centered.square().mean((2, 3), keepdim=True)  # two passes; cheap for autograd
     scale2 = (var if added_var is None else var + added_var) + eps
-    return (x - mean) / torch.sqrt(scale2), scale2
+    return centered * torch.rsqrt(scale2), scale2
 
 
 def fakd_nfd_bound(adapted_student_feats: torch.Tensor, teacher_feats: torch.Tensor,
@@ -725,16 +882,17 @@ def fakd_nfd_bound(adapted_student_feats: torch.Tensor, teacher_feats: torch.Ten
     """
     what = "fakd_nfd_bound"
     with _no_autocast(adapted_student_feats.device):
-        teacher, added = _prepare_feature_bound(adapted_student_feats, teacher_feats,
-                                                adapter_weight, class_cov, masks,
-                                                ignore_index, validate, what)
+        teacher, added_mean = _prepare_feature_bound(adapted_student_feats, teacher_feats,
+                                                     adapter_weight, class_cov, masks,
+                                                     ignore_index, validate, what)
         u = adapted_student_feats.to(teacher.dtype)
         n = u.shape[2] * u.shape[3]
-        added_mean = added.mean((2, 3), keepdim=True)  # D_bar, (B, C_t, 1, 1)
-        normalized, scale2 = _standardize(u, eps, lam * (1 - 1 / n) * added_mean)
-        target, _ = _standardize(teacher, eps)
-        noise = lam * ((1 - 2 / n) * added + added_mean / n)  # E (e_i - mean(e))^2
-        return ((normalized - target).square() + noise / scale2).mean()
+        expected_var = lam * (1 - 1 / n) * added_mean  # E var(e) per sample and channel
+        normalized, scale2 = _standardize(u, eps, expected_var)
+        target = normalize_features(teacher, "channel", eps)  # no gradient: fused kernel
+        # The noise term lam ((1 - 2/n) D_i + D_bar/n) / s^2 averages over the positions
+        # to lam (1 - 1/n) D_bar / s^2: the mean over (b, c, i) needs only D_bar.
+        return F.mse_loss(normalized, target) + (expected_var / scale2).mean()
 
 
 # --------------------------------------------------------------------------- module
@@ -751,7 +909,7 @@ class FAKDLoss(nn.Module):
 
     * ``student["feats"]``: the student's head feature ``(B, C_s, h, w)``, the input of its
       1x1 classifier. In training mode it first updates the covariance (detached, under
-      no_grad, all-reduced under DDP, so every rank must call ``forward``; one host sync);
+      no_grad, all-reduced under DDP, so every rank must call ``forward``; no host sync);
       in eval mode the statistics are left alone.
     * ``on="logits"``: ``student["logits"]`` are the classifier's output at the head
       resolution ``(B, K, h, w)`` (before any upsampling) and ``teacher["logits"]`` the

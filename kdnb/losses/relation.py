@@ -60,6 +60,28 @@ def _pairwise_similarity(f: torch.Tensor) -> torch.Tensor:
         return torch.bmm(f.transpose(1, 2), f)
 
 
+class _SimilarityGap(torch.autograd.Function):
+    """``mean((U_s^T U_s - S_t)^2)`` over ``(B, N, N)`` and its gradient in ``U_s``, at the
+    cost of its matrix products: the difference ``D`` comes out of the student's product
+    (``baddbmm``), the mean is a reduction of row norms, and the gradient,
+    ``4 U_s D / (B N^2)`` (``D`` is symmetric), is one more product: no separate
+    ``(B, N, N)`` tensors for ``S_s``, the square or their gradients."""
+
+    @staticmethod
+    def forward(ctx, units, teacher_similarity):
+        gap = torch.baddbmm(teacher_similarity, units.transpose(1, 2), units, beta=-1)
+        ctx.save_for_backward(units, gap)
+        # row norms, then their squares summed: as accurate as summing D^2 (a float32 dot
+        # over all B N^2 entries at once is not: 2e-5 off at N = 2048), without writing D^2
+        return torch.linalg.vector_norm(gap, dim=2).square().sum() / gap.numel()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        units, gap = ctx.saved_tensors
+        return torch.bmm(units, gap) * (4 * grad / gap.numel()), None
+
+
 def skd_pairwise_loss(student_feats: torch.Tensor, teacher_feats: torch.Tensor, *,
                       pool: int = 2) -> torch.Tensor:
     """SKD pairwise distillation: match the position-to-position similarity graph.
@@ -73,7 +95,9 @@ def skd_pairwise_loss(student_feats: torch.Tensor, teacher_feats: torch.Tensor, 
     pooled maps nearest-upsampling changes nothing (exactly, ``pool=1``). With pooling
     the loss sees a map ``pool`` times coarser than its input: nearest-upsampling the
     inputs by 2 and pooling by 2 gives the loss of the original maps with ``pool=1``.
-    Cost: ``S`` has ``B*N^2`` entries (64x128 head features, pool 2: 2048^2 per image).
+    Cost: ``S`` has ``B*N^2`` entries (64x128 head features, pool 2: 2048^2 per image);
+    one ``(B, N, N)`` tensor is kept for backward, and the work is three matrix products
+    (the two graphs, one for the gradient) and a reduction.
 
     The window is a fixed ``pool x pool``, as in CIRKD's ``losses/skd.py`` (2x2 max-pool,
     ``F.normalize``, gradients through the norm): ``pool=2`` is CIRKD's loss. The SKD
@@ -99,24 +123,36 @@ def skd_pairwise_loss(student_feats: torch.Tensor, teacher_feats: torch.Tensor, 
     Introduced in notebooks/04_distillation_runs.ipynb.
     """
     s, t = _pooled_pair(student_feats, teacher_feats, pool, F.max_pool2d)
-    return (_pairwise_similarity(s) - _pairwise_similarity(t)).pow(2).mean()
+    units = F.normalize(s.flatten(2), dim=1)  # (B, C_s, N), a unit vector per position
+    with _full_precision(units.device), torch.no_grad():
+        teacher_similarity = _pairwise_similarity(t)  # (B, N, N)
+    with _full_precision(units.device):
+        return _SimilarityGap.apply(units, teacher_similarity)
 
 
-def _centroid_similarity(f: torch.Tensor, labels: torch.Tensor, num_bins: int) -> torch.Tensor:
+def _centroid_similarity(f: torch.Tensor, labels: torch.Tensor, num_bins: int,
+                         eps: float = 1e-8) -> torch.Tensor:
     """Cosine similarity of each position to the centroid of its label in its image.
 
     ``f (B, C, h, w)``, ``labels (B, h*w)`` in ``[0, num_bins)`` -> ``(B, h*w)``.
+    ``F.cosine_similarity``'s formula, ``x . c / (max(|x|, eps) max(|c|, eps))``, with the
+    dot products as one matrix product against the ``num_bins`` centroids, read at each
+    position's own, and every reduction over ``C`` on the contiguous ``(B, C, N)`` layout:
+    nothing of size ``(B, N, C)`` is formed, no transposed copy.
     """
-    feats = f.flatten(2).transpose(1, 2)  # (B, N, C)
+    feats = f.flatten(2)  # (B, C, N)
     # a comparison, not F.one_hot, which checks the label range with a device sync on CPU
     onehot = (labels[..., None] == torch.arange(num_bins, device=labels.device)).to(feats.dtype)
     with _full_precision(f.device):
         # a one-hot product rather than scatter_add: deterministic on GPUs
-        sums = torch.bmm(onehot.transpose(1, 2), feats)  # (B, K+1, C)
-    counts = onehot.sum(1).clamp_min(1.0)  # (B, K+1)
-    centroids = sums / counts[..., None]
-    centre = centroids.gather(1, labels[..., None].expand(-1, -1, feats.shape[2]))  # (B, N, C)
-    return F.cosine_similarity(feats, centre, dim=2, eps=1e-8)
+        sums = torch.bmm(feats, onehot)  # (B, C, K+1)
+        centroids = sums / onehot.sum(1).clamp_min(1.0)[:, None, :]
+        dots = torch.bmm(centroids.mT, feats)  # (B, K+1, N): every centroid . every position
+    dot = dots.gather(1, labels[:, None, :])[:, 0]  # (B, N): with its own centroid
+    # max(|x|, eps) = sqrt(max(|x|^2, eps^2)), whose gradient is 0 (not nan) at x = 0
+    norm = feats.square().sum(1).clamp_min(eps * eps).sqrt()  # (B, N)
+    centre_norm = centroids.square().sum(1).clamp_min(eps * eps).sqrt().gather(1, labels)
+    return dot / (norm * centre_norm)
 
 
 def ifvd_loss(student_feats: torch.Tensor, teacher_feats: torch.Tensor, masks: torch.Tensor, *,
