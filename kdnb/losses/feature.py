@@ -192,7 +192,7 @@ def normalize_features(f: torch.Tensor, norm: str = "channel", eps: float = 1e-5
     # root) with an analytic backward, about 7x faster on a CPU than autograd through
     # var_mean. "spatial" has none (over C per pixel), and they refuse a single value per
     # group (and batch norm eps = 0): those take the formula.
-    if math.prod(f.shape[d] for d in dims) > 1:
+    if math.prod([f.shape[d] for d in dims]) > 1:  # (a list: torch.compile traces no generator)
         if norm == "channel":
             return F.group_norm(f, f.shape[1], eps=eps)  # a group per channel: over h, w
         if norm == "layer":
