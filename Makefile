@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 export HF_HUB_OFFLINE ?= 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: demo test test-widgets7 lab strip check-notebooks colab-links wheel clean
+.PHONY: demo test test-widgets7 test-browser lab strip check-notebooks colab-links wheel clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,21 @@ test-widgets7:  ## the notebooks and their widgets under ipywidgets 7.7.1 (Colab
 	$(IW7)/bin/python -m pip install --progress-bar off -c constraints.txt -e ".[notebooks,dev]" \
 	  "ipywidgets==7.7.1" > $(IW7)/install.log 2>&1 || { tail -40 $(IW7)/install.log; exit 1; }
 	$(IW7)/bin/python -m pytest -q -s tests/test_notebooks.py tests/test_lab.py
+
+# JupyterLab driven by headless Chromium (tests/test_browser.py): every notebook runs in quick
+# mode in the browser, every interact widget is drawn and redrawn by the mouse; screenshots go
+# to runs/test-browser/lab0/screenshots/ (pytest's temporary folder). Chromium and its driver
+# come from the system (Debian: apt-get install chromium chromium-driver); without them the
+# test skips and says so.
+BROWSER_STAMP := $(VENV)/.installed-browser
+$(BROWSER_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --progress-bar off -c constraints.txt -e ".[notebooks,dev,browser]" \
+	  > $(VENV)/install-browser.log 2>&1 || { tail -40 $(VENV)/install-browser.log; exit 1; }
+	touch $@
+
+test-browser: $(BROWSER_STAMP)  ## the workbook in JupyterLab in headless Chromium, widgets moved
+	mkdir -p runs
+	$(BIN)/python -m pytest -q -s -m browser --basetemp=runs/test-browser tests/test_browser.py
 
 lab: $(STAMP)  ## JupyterLab on the workbook
 	$(BIN)/jupyter lab notebooks/
