@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 export HF_HUB_OFFLINE ?= 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: demo test test-widgets7 lab strip check-notebooks colab-links wheel clean
+.PHONY: demo test test-widgets7 test-browser test-colab lab strip check-notebooks colab-links wheel clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,52 @@ test-widgets7:  ## the notebooks and their widgets under ipywidgets 7.7.1 (Colab
 	  "ipywidgets==7.7.1" > $(IW7)/install.log 2>&1 || { tail -40 $(IW7)/install.log; exit 1; }
 	$(IW7)/bin/python -m pytest -q -s tests/test_notebooks.py tests/test_lab.py
 
+# JupyterLab driven by headless Chromium (tests/test_browser.py): every notebook runs in quick
+# mode in the browser, every interact widget is drawn and redrawn by the mouse; screenshots go
+# to runs/test-browser/lab0/screenshots/ (pytest's temporary folder). Chromium and its driver
+# come from the system (Debian: apt-get install chromium chromium-driver); without them the
+# test skips and says so.
+BROWSER_STAMP := $(VENV)/.installed-browser
+$(BROWSER_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --progress-bar off -c constraints.txt -e ".[notebooks,dev,browser]" \
+	  > $(VENV)/install-browser.log 2>&1 || { tail -40 $(VENV)/install-browser.log; exit 1; }
+	touch $@
+
+test-browser: $(BROWSER_STAMP)  ## the workbook in JupyterLab in headless Chromium, widgets moved
+	mkdir -p runs
+	$(BIN)/python -m pytest -q -s -m browser --basetemp=runs/test-browser tests/test_browser.py
+
+# A Colab runtime, as far as kdnb sees it: Python 3.13 with the torch/torchvision pair and
+# ipywidgets version of constraints-colab.txt, no segmentation-models-pytorch. kdnb goes in
+# the way the notebooks' first cell installs an uploaded wheel (%pip install "<wheel>[notebooks]",
+# without constraints, so the runtime's torch is kept: checked), then the notebooks run in
+# quick mode with the widget check (tests/test_notebooks.py) in kernels of that environment.
+COLAB_PYTHON ?= $(HOME)/.pyenv/versions/3.13.0/bin/python
+COLAB := .venv-colab
+COLAB_STAMP := $(COLAB)/.runtime
+$(COLAB_STAMP): constraints-colab.txt
+	rm -rf $(COLAB)
+	$(COLAB_PYTHON) -m venv $(COLAB)
+	@echo "installing Colab's torch pair into $(COLAB) (a large download the first time)"
+	$(COLAB)/bin/python -m pip install --progress-bar off -c constraints-colab.txt torch torchvision \
+	  ipywidgets ipykernel pytest nbformat nbclient > $(COLAB)/install.log 2>&1 \
+	  || { tail -40 $(COLAB)/install.log; exit 1; }
+	touch $@
+
+test-colab: wheel $(COLAB_STAMP)  ## the notebooks as on Colab: Python 3.13, its torch, ipywidgets 7.7.1, kdnb from the wheel
+	$(COLAB)/bin/python -m pip uninstall -y -q kdnb segmentation-models-pytorch 2>/dev/null || true
+	$(COLAB)/bin/python -m pip install -q --progress-bar off "$$(ls dist/kdnb-*.whl | tail -1)[notebooks]" \
+	  > $(COLAB)/install-kdnb.log 2>&1 || { tail -40 $(COLAB)/install-kdnb.log; exit 1; }
+	cd notebooks && env -u PYTHONPATH ../$(COLAB)/bin/python -c "import re, kdnb, torch, torchvision, \
+	  ipywidgets, segmentation_models_pytorch as smp; \
+	  pins = dict(re.findall(r'^([a-z]+)==(\S+)', open('../constraints-colab.txt').read(), re.M)); \
+	  got = {'torch': torch.__version__.split('+')[0], 'torchvision': torchvision.__version__.split('+')[0], \
+	         'ipywidgets': ipywidgets.__version__}; \
+	  assert got == pins, f'the runtime changed: {got}, pinned {pins}'; \
+	  assert 'site-packages' in kdnb.__file__, kdnb.__file__; \
+	  print('kdnb', kdnb.__version__, 'from', kdnb.__file__, '|', got, '| smp', smp.__version__)"
+	env -u PYTHONPATH $(COLAB)/bin/python -m pytest -q -s -p no:cacheprovider tests/test_notebooks.py
+
 lab: $(STAMP)  ## JupyterLab on the workbook
 	$(BIN)/jupyter lab notebooks/
 
@@ -56,4 +102,4 @@ check-notebooks: $(STAMP)
 	  || { echo "notebooks have stored outputs: run 'make strip'"; exit 1; }; fi
 
 clean:
-	rm -rf $(VENV) $(IW7) runs .pytest_cache kdnb.egg-info dist build
+	rm -rf $(VENV) $(IW7) $(COLAB) runs .pytest_cache kdnb.egg-info dist build

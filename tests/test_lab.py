@@ -6,25 +6,16 @@ jupyterlab_widgets). Without it a learner sees "Loading widget..." instead of a 
 """
 import json
 import os
-import socket
-import subprocess
-import sys
-import time
 import urllib.request
 from pathlib import Path
 
 import pytest
+from conftest import running_jupyterlab
 
 pytest.importorskip("jupyterlab", reason="the lab test needs JupyterLab (the notebooks extra)")
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 TOKEN = "kdnb-test"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _get(port: int, path: str) -> tuple[int, bytes]:
@@ -35,33 +26,10 @@ def _get(port: int, path: str) -> tuple[int, bytes]:
 
 @pytest.fixture
 def lab(tmp_path):
-    port = _free_port()
     env = {**os.environ, "JUPYTER_RUNTIME_DIR": str(tmp_path / "runtime"),
            "JUPYTER_CONFIG_DIR": str(tmp_path / "config")}  # no user settings leak in
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "jupyterlab", "--no-browser", "--allow-root", f"--port={port}",
-         "--ServerApp.ip=127.0.0.1", f"--IdentityProvider.token={TOKEN}",
-         f"--ServerApp.root_dir={NOTEBOOKS}"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if _get(port, "/api/status")[0] == 200:
-                    break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                pytest.fail(f"JupyterLab did not start:\n{proc.stdout.read()[-3000:]}")
-            time.sleep(0.5)
+    with running_jupyterlab(NOTEBOOKS, tmp_path / "jupyterlab.log", token=TOKEN, env=env) as port:
         yield port
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 def test_lab_serves_the_workbook_with_the_widget_extension(lab):

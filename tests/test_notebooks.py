@@ -37,6 +37,16 @@ def kernel_manager():
     return KernelManager(kernel_name="python3", transport="ipc", ip=os.path.join(folder, "k"))
 
 
+def execute(client) -> None:
+    """Runs the notebook, then shuts its kernel down: a client given its own kernel manager
+    leaves the kernel running (it does not own it) until pytest exits."""
+    try:
+        client.execute()
+    finally:
+        if client.km.has_kernel:
+            client.km.shutdown_kernel(now=True)
+
+
 #: Run in the notebook's kernel after its last cell: every ``widgets.interact`` control is
 #: moved to another value (the last option, the maximum, the other state), which calls the
 #: plotting function again through ipywidgets. ipywidgets catches an exception in that call
@@ -102,7 +112,7 @@ def test_notebook_runs_in_quick_mode(path, tmp_path, monkeypatch):
     client = nbclient.NotebookClient(nb, km=kernel_manager(), timeout=TIMEOUT_S,
                                      kernel_name="python3", resources={"metadata": {"path": str(path.parent)}})
     start = time.perf_counter()
-    client.execute()  # raises on the first failing cell; TIMEOUT_S bounds each cell (a hang guard)
+    execute(client)  # raises on the first failing cell; TIMEOUT_S bounds each cell (a hang guard)
     # The issue's budget (3 minutes per notebook on two cores) is reported, not asserted:
     # a timed assertion would fail on a loaded machine without anything being wrong.
     print(f"{path.name}: {time.perf_counter() - start:.1f} s in quick mode")
@@ -126,8 +136,8 @@ def test_widget_check_catches_a_failing_callback(monkeypatch):
                                          nbformat.v4.new_code_cell(WIDGET_CHECK.replace("EXPECTED", "1"))])
     client = nbclient.NotebookClient(nb, km=kernel_manager(), timeout=60)
     with pytest.raises(nbclient.exceptions.CellExecutionError, match="k = 3 breaks the plot"):
-        client.execute()
+        execute(client)
     # the same notebook with a callback that works passes
     nb.cells[0].source = source.replace("k == 3", "k == 4")
-    nbclient.NotebookClient(nb, km=kernel_manager(), timeout=60).execute()
+    execute(nbclient.NotebookClient(nb, km=kernel_manager(), timeout=60))
     assert "moved {'show': 1}" in "".join(o.get("text", "") for o in nb.cells[-1].outputs)
