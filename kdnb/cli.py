@@ -321,7 +321,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as err:  # Ctrl-C: the trainer's message says how to go on
         if os.environ.get("KDNB_DEBUG"):
             raise
-        print(f"kdnb {args.command}: {err or 'interrupted'}", file=sys.stderr)
+        print(f"kdnb {args.command}: "
+              f"{str(err) or 'interrupted before training started; nothing to resume'}",
+              file=sys.stderr)
         return 130
 
 

@@ -15,7 +15,6 @@ missing.
 """
 from __future__ import annotations
 
-import json
 import math
 import statistics
 from collections import defaultdict
@@ -56,11 +55,9 @@ def read_run(run_dir: str | Path, split: str = "val", label: str | None = None) 
         raise FileNotFoundError(f"{run_dir} has no {split} result: run `{score}` first")
     methods = label or method_label(cfg.get("methods") or {})
     cost_path = run_dir / "cost.json"
-    try:
-        cost = json.loads(cost_path.read_text()) if cost_path.is_file() else {}
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{cost_path} is not JSON ({err}): delete it (the run's FLOPs are "
-                         "then unknown) or train the run again in a new run directory") from None
+    cost = read_json_object(cost_path, "the run's cost", "delete it (the run's FLOPs are then "
+                            "unknown) or train the run again in a new run directory"
+                            ) if cost_path.is_file() else {}
     return {"run": str(run_dir), "student": cfg["model"], "methods": methods,
             "seed": cfg.get("seed", 0), "miou": 100 * result["miou"],
             "teacher": cfg.get("teacher"), "steps": cfg.get("steps"),
@@ -213,6 +210,15 @@ def format_table(summaries: list[dict], teacher_miou: float | None = None, *,
     return "\n".join(lines)
 
 
+def longer_run(run: Path, ratio: float) -> Path:
+    """Where the compute-matched baseline of ``run`` goes: ``baseline-s0`` ->
+    ``baseline-x1.15-s0``, as ``benchmarks/synth_distill.py --matched-compute`` names it."""
+    stem, sep, seed = run.name.rpartition("-s")
+    if sep and seed.isdigit():
+        return run.with_name(f"{stem}-x{ratio:.2f}-s{seed}")
+    return run.with_name(f"{run.name}-x{ratio:.2f}")
+
+
 def _matched_notes(summaries: list[dict]) -> list[str]:
     """The footnotes of the matched-compute columns: what r is, the rows where the
     iteration-matched baseline serves, and the commands that train missing baselines."""
@@ -240,5 +246,5 @@ def _matched_notes(summaries: list[dict]) -> list[str]:
                      + (":" if runs else " (no baseline run of these steps to start from)."))
         for run in map(Path, runs):  # the same recipe and seed, longer
             notes.append(f"    kdnb train --config {run / 'config.json'} --steps {steps} "
-                         f"--run-dir {run.with_name(f'{run.name}-x{ratio:.2f}')}")
+                         f"--run-dir {longer_run(run, ratio)}")
     return notes

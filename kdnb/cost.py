@@ -26,7 +26,8 @@ the trainer writes as ``cost.json`` beside ``final.json``:
   and the evaluations left out); None on the CPU.
 
 ``docs/METHODS.md`` ("Matched compute") says how :mod:`kdnb.compare` uses the FLOPs. The
-count costs about one more step at the start (and the memory of a copy of the student);
+count costs about one more step at the start (and the memory of a copy of the student and
+of the loss modules, their state included: CIRKD's memories are 428 MB at K = 19);
 ``TrainConfig.count_flops=False`` (``--no-flop-count``) turns it off for a model whose
 count is slow or does not fit twice.
 """

@@ -39,7 +39,7 @@ pytestmark = pytest.mark.browser
 
 webdriver = pytest.importorskip("selenium.webdriver", reason="the browser test needs selenium: "
                                 "pip install -e '.[browser]' (make test-browser does)")
-from selenium.common.exceptions import WebDriverException  # noqa: E402
+from selenium.common.exceptions import StaleElementReferenceException, WebDriverException  # noqa: E402
 from selenium.webdriver.common.action_chains import ActionChains  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import Select  # noqa: E402
@@ -54,7 +54,7 @@ if CHROMIUM is None or CHROMEDRIVER is None:
                 allow_module_level=True)
 #: Hang guards, not budgets: the slowest notebook (04) ran all its cells in 3 minutes on a
 #: 2-core machine loaded by two training processes, and a redraw takes seconds.
-RUN_TIMEOUT_S = 1800
+RUN_TIMEOUT_S = 600
 REDRAW_TIMEOUT_S = 300
 #: JupyterLab settings for the test: every cell stays in the page (no virtual scrolling),
 #: nothing is saved over the copies, and no news or update toast covers the cells.
@@ -160,7 +160,10 @@ return {code, ran, pending, errors, kernel: kernel ? kernel.status : 'none',
 def _wait(what: str, timeout: float, check, interval: float = 1.0):
     deadline = time.monotonic() + timeout
     while True:
-        value = check()
+        try:
+            value = check()
+        except StaleElementReferenceException:  # a widget redrawn while it was read: again
+            value = None
         if value:
             return value
         if time.monotonic() > deadline:

@@ -406,6 +406,25 @@ def test_state_dict_resumes_memories_and_draws_exactly():
                 assert torch.equal(x, resumed.state_dict()[name]), name
 
 
+def test_the_saved_state_holds_the_seed_and_refuses_another():
+    def make(seed):
+        return CIRKDLoss(num_classes=K, student_channels=C_S, teacher_channels=C_T, seed=seed,
+                         **SIZES)
+
+    trained = make(3)
+    trained(*batch(0))
+    state = trained.state_dict()
+    resumed = make(3)
+    resumed.load_state_dict(state)
+    assert resumed.draws == 1 and resumed.seed == 3
+    with pytest.raises(ValueError, match="come from seed 3, this loss has seed 4"):
+        make(4).load_state_dict(state)
+    old = {k: (torch.tensor(1) if k.endswith("_extra_state") else v) for k, v in state.items()}
+    older = make(3)  # a state saved before the seed was: the draw count alone
+    older.load_state_dict(old)
+    assert older.draws == 1
+
+
 def test_eval_mode_reads_the_memories_without_writing_them():
     loss = CIRKDLoss(num_classes=K, student_channels=C_S, teacher_channels=C_T, **SIZES).eval()
     before = {k: v.clone() for k, v in loss.state_dict().items() if isinstance(v, torch.Tensor)}

@@ -89,7 +89,7 @@ def test_the_table_marks_the_1_05_rule_and_prints_the_missing_baselines_command(
         args = build_parser().parse_args(shlex.split(command)[1:])
         cfg = config_from_args(args)
         assert (cfg.steps, cfg.seed, cfg.methods, args.run_dir) == (
-            110, seed, {}, str(tmp_path / f"baseline-s{seed}-x1.10"))
+            110, seed, {}, str(tmp_path / f"baseline-x1.10-s{seed}"))
 
 
 def test_without_cost_files_the_table_is_the_iteration_matched_one(tmp_path):
@@ -107,5 +107,5 @@ def test_without_cost_files_the_table_is_the_iteration_matched_one(tmp_path):
 def test_a_damaged_cost_file_is_named(tmp_path):
     run = fake_run(tmp_path, "b0", {}, 0, 0.3, flops=GFLOP)
     (run / "cost.json").write_text('{"flops_per_step": ')  # edited by hand (kdnb writes it whole)
-    with pytest.raises(ValueError, match=r"b0/cost.json is not JSON .*delete it"):
+    with pytest.raises(ValueError, match=r"b0/cost.json is not valid JSON .*delete it"):
         read_run(run)

@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from kdnb.features import resize_labels
 from kdnb.losses.feature import _check_features, _upcast
@@ -45,8 +46,10 @@ __all__ = ["similarity_kl", "cross_image_pair_loss", "memory_contrast_loss", "ci
            "CIRKDTerms", "CIRKDDraws", "CIRKDLoss"]
 
 
-#: Rows of logits computed at a time: a (rows, keys) block of a few MB stays in cache.
+#: Logits computed at a time, per device type: on a CPU a (rows, keys) block of a few MB
+#: stays in cache; on a GPU blocks are larger, so that kernel launches do not dominate.
 _BLOCK_VALUES = 1 << 20
+_BLOCK_VALUES_CUDA = 1 << 26
 
 
 def _similarity_kl_rows(s_rows, s_keys, t_rows, t_keys, scale, weights, grads=None):
@@ -54,7 +57,8 @@ def _similarity_kl_rows(s_rows, s_keys, t_rows, t_keys, scale, weights, grads=No
     a block of rows at a time; fills ``grads = [d/ds_rows, d/ds_keys]`` when given (an
     entry None: that gradient is not needed)."""
     total = s_rows.new_zeros(())
-    step = max(1, _BLOCK_VALUES // max(1, s_keys.shape[0]))
+    block = _BLOCK_VALUES_CUDA if s_rows.device.type == "cuda" else _BLOCK_VALUES
+    step = max(1, block // max(1, s_keys.shape[0]))
     for start in range(0, s_rows.shape[0], step):
         rows = slice(start, start + step)
         log_p_s = F.log_softmax((s_rows[rows] * scale) @ s_keys.T, dim=1)  # (r, M)
@@ -88,6 +92,7 @@ class _SimilarityKL(torch.autograd.Function):
         return total
 
     @staticmethod
+    @once_differentiable  # the gradient was computed in the forward pass: no double backward
     def backward(ctx, grad_total):
         saved = iter(ctx.saved_tensors)
         return tuple(next(saved) * grad_total if need else None
@@ -452,11 +457,20 @@ class CIRKDLoss(nn.Module):
                 f"weights=({self.minibatch_weight}, {self.pixel_weight}, {self.region_weight})")
 
     def get_extra_state(self) -> torch.Tensor:
-        # a tensor, so every value of a state_dict is one (torch.equal, weights_only loads)
-        return torch.tensor(self.draws, dtype=torch.long)
+        # a tensor, so every value of a state_dict is one (torch.equal, weights_only loads):
+        # the draw count, and the seed the draws and memories come from
+        return torch.tensor([self.draws, self.seed], dtype=torch.long)
 
     def set_extra_state(self, state: torch.Tensor) -> None:
-        self.draws = int(state)
+        if state.ndim == 0:  # written before the seed was saved: the draw count alone
+            self.draws = int(state)
+            return
+        draws, seed = (int(v) for v in state)
+        if seed != self.seed:
+            raise ValueError(f"CIRKDLoss: the saved memories and draws come from seed {seed}, "
+                             f"this loss has seed {self.seed}: load them into a loss built "
+                             f"with seed={seed} (the run's seed), or start a new run")
+        self.draws = draws
 
     def sample(self, batch: int, positions: int, device: torch.device) -> CIRKDDraws:
         """This call's random choices, from the module's generator (see the class docstring).
