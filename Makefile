@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 export HF_HUB_OFFLINE ?= 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: demo test test-widgets7 test-browser test-colab lab strip check-notebooks colab-links wheel clean
+.PHONY: demo test test-widgets7 test-browser test-colab lab strip check-notebooks colab-links wheel gpu-wheels clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -96,6 +96,21 @@ wheel: $(STAMP)  ## dist/kdnb-*.whl, to upload to a Colab runtime (its install c
 	$(BIN)/python -m pip wheel --no-deps --no-build-isolation -w dist . > $(VENV)/wheel.log 2>&1 \
 	  || { tail -20 $(VENV)/wheel.log; exit 1; }
 	@ls dist/kdnb-*.whl
+
+# What benchmarks/gpu_check.sh installs on the GPU machine, which has no network: its own
+# python3 holds torch, torchvision, timm, huggingface_hub and safetensors but not
+# segmentation-models-pytorch. The versions are .venv's; timm goes to fallback/, installed
+# there only if missing. .whl/ is git-ignored and travels as the device call's carry.
+GPU_WHEELS := .whl
+GPU_PIP := $(BIN)/python -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+  --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+  --progress-bar off -q
+version = $$($(BIN)/python -c "import importlib.metadata as m; print(m.version('$(1)'))")
+gpu-wheels: $(STAMP)  ## .whl/: the wheels benchmarks/gpu_check.sh needs on the GPU machine
+	rm -f $(GPU_WHEELS)/segmentation_models_pytorch-*.whl $(GPU_WHEELS)/fallback/timm-*.whl
+	$(GPU_PIP) -d $(GPU_WHEELS) "segmentation-models-pytorch==$(call version,segmentation-models-pytorch)"
+	$(GPU_PIP) -d $(GPU_WHEELS)/fallback "timm==$(call version,timm)"
+	@ls -l $(GPU_WHEELS)/*.whl $(GPU_WHEELS)/fallback/*.whl
 
 check-notebooks: $(STAMP)
 	@if ls notebooks/*.ipynb >/dev/null 2>&1; then $(BIN)/nbstripout --verify notebooks/*.ipynb \

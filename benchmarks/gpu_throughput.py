@@ -78,6 +78,7 @@ import statistics
 import sys
 import tempfile
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -554,6 +555,9 @@ def run_variant(name: str, args, pair: Pair, batch: tuple[torch.Tensor, torch.Te
             extras["profile"] = profile_steps(step, cuda, args)
     except torch.cuda.OutOfMemoryError:
         row = Row(name, None, memory.read(), note="out of memory")
+    except Exception as err:  # a compiler error or a dying loader costs its own row only
+        traceback.print_exc()
+        row = Row(name, None, memory.read(), note=f"failed: {type(err).__name__}")
     finally:
         torch.backends.cudnn.benchmark = cudnn_before
     return row, extras
@@ -861,10 +865,17 @@ def main(argv: list[str] | None = None) -> int:
         print(line)
     sys.stdout.flush()
 
-    loss_results = []
+    loss_results, loss_failures = [], []
     for k in args.loss_classes:
-        k_pair = pair if k == args.classes else build_pair(args, k, device, images)
-        result = run_losses(args, k_pair, device)
+        try:
+            k_pair = pair if k == args.classes else build_pair(args, k, device, images)
+            result = run_losses(args, k_pair, device)
+        except Exception as err:  # out of memory at K = 150, say: the K = 19 table still counts
+            traceback.print_exc()
+            loss_failures.append(f"loss overhead at K = {k}: failed ({type(err).__name__}: "
+                                 f"{str(err).splitlines()[0][:200] if str(err) else ''})")
+            print(f"\n{loss_failures[-1]}", flush=True)
+            continue
         print_losses(result, judged)
         loss_results.append(result)
 
@@ -909,6 +920,7 @@ def main(argv: list[str] | None = None) -> int:
                          f"{result['base_ms']:.1f} ms (task loss only, teacher still runs)\n")
             parts.append(markdown_losses(result))
             parts += [f"\n**{line}**" for line in fakd_lines(result, judged)]
+        parts += [f"\n**{line}**" for line in loss_failures]
         if "profile" in extras:
             name, text = extras["profile"]
             parts += [f"\n### Profile of {name}, top ops\n", "```text", text.rstrip(), "```"]

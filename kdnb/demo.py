@@ -4,7 +4,10 @@ Trains (or reuses a cached) SynthScenes teacher, then a budgeted comparison of s
 (baseline, KD, and NFD and NFD+FAKD on encoder stage 2 by default, one seed, paired: same
 initial weights and data order), reports every model on the test split with the share of
 the teacher-student gap each method recovers, and writes a PNG of predictions beside the
-ground truth. The students are those of :data:`kdnb.experiments.COMPARISON`.
+ground truth. The students are those of :data:`kdnb.experiments.COMPARISON`. After a few
+steps of the first model it trains (its first log line) it prints the time the whole demo
+is expected to take, from the measured rate and the recipes' step counts
+(:class:`DemoClock`).
 """
 from __future__ import annotations
 
@@ -43,6 +46,61 @@ def gap_table(rows: dict[str, dict], teacher: str = "teacher", baseline: str = "
     return "\n".join(lines)
 
 
+def duration(seconds: float) -> str:
+    """``"40 s"`` under a minute and a half, else ``"14 minutes"``."""
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} minutes"
+
+
+class DemoClock:
+    """The demo's expected time, printed after a few steps of the models that train.
+
+    At the first log line of the teacher (a train record, ``log_every`` steps in), every
+    step still to train is counted at the teacher's measured rate (a student step costs
+    less, so this errs long); at the first log line of the first student that trains, the
+    students' steps are counted again at its rate. The time spent so far (set-up, teacher
+    outputs, evaluations) is included; models found in the cache take no steps.
+
+    Args:
+        steps: role -> training steps of each model the demo trains (cached ones left
+            out), in the order they train.
+        cached: the roles loaded from the cache.
+        start: ``time.perf_counter()`` when the demo started.
+    """
+
+    def __init__(self, steps: dict[str, int], cached: list[str], start: float):
+        self.steps, self.cached, self.start = steps, cached, start
+        self.told: set[str] = set()
+
+    def callback(self, role: str):
+        """The trainer callback of ``role``: prints the estimate at its first train record."""
+        def on_record(record: dict) -> None:
+            kind = "teacher" if role == "teacher" else "students"
+            if record.get("kind") == "train" and kind not in self.told:
+                self.told.add(kind)
+                from tqdm.auto import tqdm  # written above the progress bar, not through it
+                tqdm.write(self.line(role, record["step"], 1 / record["s_per_step"]))
+        return on_record
+
+    def line(self, role: str, step: int, rate: float) -> str:
+        order = list(self.steps)
+        left = self.steps[role] - step + sum(self.steps[r] for r in order[order.index(role) + 1:])
+        total = time.perf_counter() - self.start + left / rate
+        teacher = ("teacher from the cache" if "teacher" in self.cached
+                   else f"teacher {self.steps['teacher']} steps")
+        trained = [self.steps[r] for r in order if r != "teacher"]
+        from_cache = [r for r in self.cached if r != "teacher"]
+        if trained:
+            each = "/".join(str(n) for n in sorted(set(trained)))
+            students = (f"students {len(trained)} x {each} steps"
+                        + (" counted at the teacher's rate" if role == "teacher" else "")
+                        + (f", {len(from_cache)} more from the cache" if from_cache else ""))
+        else:
+            students = "students from the cache"
+        who = " for the students" if role != "teacher" and "teacher" not in self.cached else ""
+        return (f"at {rate:.1f} steps/s{who}, the demo takes about {duration(total)} "
+                f"({teacher}, {students})")
+
+
 def run_demo(out: Path = Path("runs/demo"), *, quick: bool = False, fresh: bool = False,
              threads: int | None = None, methods: tuple[str, ...] = DEMO_METHODS,
              student_steps: int | None = None) -> dict:
@@ -70,11 +128,13 @@ def run_demo(out: Path = Path("runs/demo"), *, quick: bool = False, fresh: bool 
     # Students that distil encoder stages train first: the teacher outputs they cache
     # include the head's, so the others reuse them instead of computing them again.
     order = sorted(configs, key=lambda role: role != "teacher" and not _uses_stages(configs[role]))
+    cached = [r for r in order if not fresh and cache_path(configs[r]).is_file()]
+    clock = DemoClock({r: configs[r].steps for r in order if r not in cached}, cached, start)
     for role in order:
         cfg = configs[role]
         t0 = time.perf_counter()
         model, reused = train_or_load(cfg, out / role.replace("+", "_"), fresh=fresh,
-                                      teacher_outputs=shared)
+                                      callbacks=[clock.callback(role)], teacher_outputs=shared)
         models[role] = model
         rows[role] = {"preset": cfg.model, "methods": cfg.methods, "steps": cfg.steps,
                       "reused_cache": reused, "train_seconds": round(time.perf_counter() - t0, 1),

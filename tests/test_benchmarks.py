@@ -1,9 +1,12 @@
 """The benchmark scripts keep running: quick mode, no timing assertions."""
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from kdnb.losses import METHODS
 
@@ -275,3 +278,89 @@ def test_synth_distill_records_every_seed_and_the_teachers_weights(monkeypatch):
     for other in ({**state, "w": state["w"].reshape(3, 2)}, {**state, "w": state["w"].double()},
                   {**state, "w": state["w"] + 1e-7}, {**state, "n": torch.tensor(8)}):
         assert bench.weights_digest(other) != bench.weights_digest(state)
+
+
+GPU_CHECK = ROOT / "benchmarks" / "gpu_check.sh"
+
+
+@pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None,
+                    reason="gpu_check.sh needs bash and coreutils' timeout")
+def test_gpu_check_dry_run_writes_every_section(tmp_path, monkeypatch):
+    """The GPU check end to end on the CPU: every step at reduced sizes, the tests only
+    collected, one results file with every section and the criteria read off."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHON": sys.executable}
+    out = tmp_path / "out"
+    proc = subprocess.run(["bash", str(GPU_CHECK), "--dry-run", str(out)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert sorted(p.name for p in out.iterdir()) == ["gpu_check.log", "gpu_check.md"]
+    text = (out / "gpu_check.md").read_text()
+    assert text.startswith("\n## GPU check of issue 20 (") and "**Dry run on the CPU" in text
+    report = load_script(monkeypatch, "gpu_check_report")
+    for name, heading in report.STEPS.items():
+        assert re.search(rf"^\| {name} \| ok \| \d+ \(\d+\) \|$", text, re.MULTILINE), name
+        assert f"\n### {heading}\n" in text, heading
+    assert "### The criteria of issue 20" in text
+    for _, asked in report.CRITERIA:
+        row = next(line for line in text.splitlines() if line.startswith(f"| {asked} |"))
+        assert "not measured" not in row, row
+    assert "judged on a GPU at full size only" in text
+    # the tests that need CUDA, listed; the throughput and probe tables, embedded
+    assert "tests/test_train.py::test_nonfinite_watch_costs_no_host_sync_per_step" in text
+    assert "| variant | images/s |" in text and "#### Loss overhead at K = 150" in text
+    assert "| steps | steps/s | images/s |" in text and "Distillation probe: " in text
+    assert "kdnb-gpu-check." not in text  # the work folder's paths left out
+    for step in report.STEPS:
+        assert f"===== {step}: ok" in (out / "gpu_check.log").read_text()
+    assert "compile: ok" in proc.stdout  # the end of a device call's output: the verdicts
+
+
+def test_gpu_check_report_reads_the_verdicts_and_names_failures(tmp_path, monkeypatch):
+    """Verdicts from gpu_throughput.py's lines; a step that failed or never ran is named,
+    with the end of its output."""
+    report = load_script(monkeypatch, "gpu_check_report")
+    (tmp_path / "meta").write_text("mode=gpu\ndate=2026-12-03\ncommit=abc1234\n"
+                                   "command=bash benchmarks/gpu_check.sh\n")
+    (tmp_path / "steps").write_text("environment\tok\t0\t9\t60\nthroughput\tok\t0\t150\t240\n"
+                                    "probe\ttimed out\t124\t90\t90\n")
+    (tmp_path / "environment.log").write_text("device: NVIDIA H200, compute capability 9.0\n")
+    (tmp_path / "throughput.log").write_text(
+        "kdnb over reference-fp32: 2.41x images/s (criterion >= 2x): met\n"
+        "kdnb MFU: 27.5 % of 989 TFLOP/s bf16 (criterion >= 30 %): NOT met\n"
+        "kdnb peak memory: 21.30 GiB\n"
+        "FAKD over the KD it replaces at K = 19: +0.40 ms = 1.2 % of the kd step "
+        "(criterion <= 5 %): met\n")
+    (tmp_path / "throughput.md").write_text(f"\n## GPU throughput, 2026-12-03\n\n- command: "
+                                            f"`x --out {tmp_path}/throughput.md`\n\n### Loss\n")
+    (tmp_path / "probe.cmd").write_text("python benchmarks/gpu_distill_probe.py\n")
+    (tmp_path / "probe.log").write_text("".join(f"line {i}\n" for i in range(100)))
+    text = report.report(tmp_path)
+    assert text.startswith("## GPU check of issue 20 (2026-12-03): NVIDIA H200\n")
+    assert "kdnb commit abc1234" in text and "Dry run" not in text
+    lines = text.splitlines()
+    assert "| kdnb's step at least 2x the images/s of the fp32 research-code loop | 2.41x " \
+           "images/s (criterion >= 2x) | **met** |" in lines
+    assert "| at least 30 % bf16 MFU | 27.5 % of 989 TFLOP/s bf16 (criterion >= 30 %) | " \
+           "**NOT met** |" in lines
+    assert "| FAKD at most 15 % over the KD step at K = 150 | not measured (no verdict line in " \
+           "its output) | - |" in lines
+    assert "Peak memory of the `kdnb` variant: 21.30 GiB." in lines
+    assert "| probe | timed out (exit 124) | 90 (90) |" in lines and "| compile | not run | - |" in lines
+    assert "#### Loss" in lines and "`x --out throughput.md`" in text  # embedded, paths cut
+    assert "line 59\n" not in text and "line 60\nline 61" in text and "line 99" in text
+    assert text.count("not run (the check was stopped before it)") == 2  # tests, compile
+
+
+def test_every_test_skipped_without_cuda_is_marked_gpu():
+    """gpu_check.sh runs the CUDA-only tests as ``pytest -m gpu``: each test skipped on a
+    CPU for lacking CUDA must carry the mark."""
+    for path in sorted((ROOT / "tests").glob("test_*.py")):
+        lines = path.read_text().splitlines()
+        for i, line in enumerate(lines):
+            if line.startswith("@pytest.mark.skipif") and "cuda.is_available()" in line:
+                block = i
+                while block > 0 and lines[block - 1].startswith("@"):
+                    block -= 1
+                decorators = lines[block:next(j for j in range(i, len(lines))
+                                              if not lines[j].startswith("@"))]
+                assert "@pytest.mark.gpu" in decorators, f"{path.name}:{i + 1}"

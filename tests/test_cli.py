@@ -1,5 +1,7 @@
 """The kdnb command: listing, clear errors, and the demo end to end in quick mode."""
 import json
+import re
+import time
 
 import pytest
 
@@ -87,6 +89,14 @@ def test_demo_quick_end_to_end(capsys, tmp_path, monkeypatch):
     summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
     assert set(summary["models"]) == {"teacher", "baseline", "kd", "nfd-stage2", "nfd-stage2+fakd"}
     assert "% of gap" in out
+    # After the first log line of the teacher, then of the first student: the expected time
+    # from the measured rate and the recipes' step counts.
+    rate = r"at \d+\.\d steps/s{}, the demo takes about \d+ (s|minutes) \(teacher 12 steps, "
+    assert re.search("^" + rate.format("") + r"students 4 x 12 steps counted at the teacher's "
+                     r"rate\)$", out, re.MULTILINE), out
+    assert re.search("^" + rate.format(" for the students") + r"students 4 x 12 steps\)$", out,
+                     re.MULTILINE), out
+    assert out.index("the demo takes about") < out.index("teacher: synth-teacher")
     assert (tmp_path / "demo" / "predictions.png").stat().st_size > 1000
     cached = list((tmp_path / "data" / "checkpoints").glob("*.pt"))
     assert len(cached) == 5
@@ -97,7 +107,24 @@ def test_demo_quick_end_to_end(capsys, tmp_path, monkeypatch):
     # A second run reuses the cached models instead of training again.
     assert main(["demo", "--quick", "--out", str(tmp_path / "demo2"),
                  "--methods", "baseline,kd"]) == 0
-    assert capsys.readouterr().out.count("loaded from cache") == 3
+    out = capsys.readouterr().out
+    assert out.count("loaded from cache") == 3 and "the demo takes about" not in out
+
+
+def test_demo_clock_counts_the_steps_left_at_the_rate_measured():
+    from kdnb.demo import DemoClock
+
+    clock = DemoClock({"baseline": 500, "kd": 500}, ["teacher", "nfd"], time.perf_counter() - 30)
+    # 475 + 500 steps at 5 steps/s after 30 s: 225 s
+    assert clock.line("baseline", 25, 5.0) == ("at 5.0 steps/s, the demo takes about 4 minutes "
+                                               "(teacher from the cache, students 2 x 500 steps, "
+                                               "1 more from the cache)")
+    clock = DemoClock({"teacher": 1800, "baseline": 500}, [], time.perf_counter())
+    assert clock.line("teacher", 25, 10.0).startswith("at 10.0 steps/s, the demo takes about 4 "
+                                                     "minutes (teacher 1800 steps, students 1 x "
+                                                     "500 steps counted at the teacher's rate)")
+    assert DemoClock({"teacher": 12}, ["kd"], time.perf_counter()).line("teacher", 3, 9.0) == (
+        "at 9.0 steps/s, the demo takes about 1 s (teacher 12 steps, students from the cache)")
 
 
 def test_demo_run_left_by_other_settings_is_set_aside_and_comes_back(capsys, tmp_path,
