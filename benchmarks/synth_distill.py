@@ -50,7 +50,7 @@ from kdnb.config import TrainConfig, config_hash
 from kdnb.cost import FLOPS_COUNTED, count_run_flops
 from kdnb.data import build_dataset
 from kdnb.distill import TeacherOutputs
-from kdnb.experiments import COMPARISON, VARIANTS, cache_path, student_config, teacher_config, train_or_load
+from kdnb.experiments import COMPARISON, PUBLIC, VARIANTS, cache_path, student_config, teacher_config, train_or_load
 from kdnb.metrics import evaluate
 from kdnb.pretrain import PretrainConfig, pretrain_or_load
 
@@ -119,7 +119,9 @@ PAIRS = [("nfd", "mse"), ("nfd+fakd", "nfd"), ("kd+fakd", "kd"),
          # the authors' variants (kdnb.experiments.VARIANTS)
          ("nfd-multi", "mse-multi"), ("nfd-multi", "nfd-stage2"), ("nfd-multi-frob", "nfd-multi"),
          ("nfd-stage2-frob", "nfd-stage2"), ("kd+fakd-mkd", "kd"), ("kd+fakd-isda", "kd"),
-         ("nfd-stage2+fakd-mkd", "nfd-stage2")]
+         ("nfd-stage2+fakd-mkd", "nfd-stage2"),
+         # the public methods (kdnb.experiments.PUBLIC) train KD beside their own loss
+         ("kd+cirkd", "kd"), ("kd+afdcd", "kd")]
 
 
 def paired_table(rows: list[dict], pairs: list[tuple[str, str]]) -> str:
@@ -207,8 +209,8 @@ def main() -> None:
                         help="another setting to compare, e.g. 'kd-t1={\"kd\": {\"weight\": 1, "
                              "\"temperature\": 1}}'; then list NAME in --methods")
     parser.add_argument("--methods", nargs="+", default=list(COMPARISON),
-                        help="names of kdnb.experiments.COMPARISON or VARIANTS (the authors' "
-                             "choices), or of a --variant")
+                        help="names of kdnb.experiments.COMPARISON, VARIANTS (the authors' "
+                             "choices) or PUBLIC (CIRKD, Af-DCD), or of a --variant")
     parser.add_argument("--pair", action="append", default=[], metavar="METHOD:AGAINST",
                         help="another paired method-vs-method row (beside PAIRS), e.g. "
                              "nfd-multi-w8:mse-multi")
@@ -233,7 +235,7 @@ def main() -> None:
     args = parser.parse_args()
     changes = parse_set(args.set)
     teacher_changes = parse_set(args.teacher_set)
-    methods = {**COMPARISON, **VARIANTS}
+    methods = {**COMPARISON, **VARIANTS, **PUBLIC}
     for item in args.variant:
         name, sep, spec = item.partition("=")
         if not sep or name in methods:

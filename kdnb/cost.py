@@ -139,6 +139,11 @@ class RunCost:
         self._clock: float | None = None  # perf_counter at the start of the running span
 
     # -- around the loop
+    @property
+    def started(self) -> bool:
+        """Whether this process's first step (and the FLOP count before it) has begun."""
+        return self._started
+
     @contextlib.contextmanager
     def step(self, trainer, batch):
         """Around each training step of ``trainer`` (``batch``: its batch). Before a

@@ -69,6 +69,18 @@ VARIANTS: dict[str, dict] = {
     "nfd-stage2+fakd-mkd": {"nfd": {**_NFD_STAGE2}, "fakd": {**FAKD_MKD}},
 }
 
+#: The strongest methods with public code, as their authors' scripts train them: pixel KD at
+#: T = 1 and weight 1 beside the method's own loss at its authors' defaults (configs/README.md
+#: has the recipes per dataset). The method's loss comes first, so that a weight sweep
+#: (``synth_distill.py --sweep``) scales it and leaves KD as it is. Both read the head
+#: feature: Af-DCD's scripts read the encoder's last stage, which is 2x2 on a 64-pixel
+#: SynthScenes image, smaller than its 4x4 pooling window; the head feature (16x16) is the
+#: map of the resolution Af-DCD's authors distil (stride 4 here, 8 in their dilated nets).
+PUBLIC: dict[str, dict] = {
+    "kd+cirkd": {"cirkd": {"weight": 1.0}, "kd": {**_KD}},
+    "kd+afdcd": {"afdcd": {"weight": 1.0}, "kd": {**_KD}},
+}
+
 
 def quick_config(cfg: TrainConfig) -> TrainConfig:
     """A tiny budget that exercises every code path in seconds (tests, ``KDNB_QUICK=1``)."""

@@ -328,7 +328,10 @@ class Trainer:
         means.restart_clock()
         try:
             for batch in loader:
+                counting = not self.cost.started  # its first step counts the FLOPs first
                 with self.cost.step(self, batch):
+                    if counting:  # the count is not step time: the log's s_per_step starts here
+                        means.restart_clock()
                     losses = self.run_step(*batch)
                 means.add(losses)
                 if bar is not None:

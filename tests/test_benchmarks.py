@@ -260,6 +260,42 @@ def test_synth_distill_pretrained_regime_starts_every_run_from_pretext_encoders(
                         / "metrics.jsonl").read_text(), term
 
 
+def test_synth_distill_runs_the_public_methods_beside_kd(tmp_path, monkeypatch):
+    """kdnb.experiments.PUBLIC (CIRKD, Af-DCD, each with KD as their authors' scripts train
+    it) run by name; each is paired with KD (a row from two seeds on), and each run trains
+    both of its losses."""
+    bench = load_script(monkeypatch, "synth_distill")
+    assert {("kd+cirkd", "kd"), ("kd+afdcd", "kd")} <= set(bench.PAIRS)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "KDNB_DATA": str(tmp_path / "data")}
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "synth_distill.py"), "--quick", "--no-write",
+           "--seeds", "1", "--threads", "1", "--root", str(tmp_path / "runs"),
+           "--methods", "baseline", "kd", "kd+cirkd", "kd+afdcd"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    for method in ("kd+cirkd", "kd+afdcd"):
+        assert re.search(rf"^\| {re.escape(method)} \| [\d.]+ \|$", proc.stdout, re.MULTILINE), method
+        log = (tmp_path / "runs" / f"{method}-s0" / "metrics.jsonl").read_text()
+        for term in method.split("+"):
+            assert f'"{term}"' in log, (method, term)
+
+
+def test_notebook_times_runs_a_notebook_and_reports_it(tmp_path):
+    """benchmarks/notebook_times.py runs the notebooks it is given in quick mode, in a data
+    root of their own, and prints one row per notebook; a prefix that names none is an error."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "notebook_times.py"), "00", "--no-write",
+           "--data", str(tmp_path / "data")]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert re.search(r"^\| 00_setup_and_data\.ipynb \| \d+ \| \d+ \| \d+ \|$", proc.stdout,
+                     re.MULTILINE), proc.stdout
+    assert "quick mode (KDNB_QUICK=1)" in proc.stdout and "appended to" not in proc.stdout
+    proc = subprocess.run(cmd[:2] + ["99", "--no-write"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0 and "no notebook" in proc.stderr
+
+
 def test_synth_distill_records_every_seed_and_the_teachers_weights(monkeypatch):
     """The per-seed table holds every run's mIoU (a paired table can be recomputed from it);
     the weights digest tells bit-identical teachers from others, however they were saved."""

@@ -139,3 +139,28 @@ def test_the_flop_count_is_turned_off_on_the_command_line():
     args = build_parser().parse_args(["train", "--no-flop-count"])
     assert config_from_args(args).count_flops is False
     assert TrainConfig().count_flops is True
+
+
+def test_the_flop_count_is_not_in_the_first_log_lines_step_time(tmp_path, monkeypatch):
+    """The count runs before the first step; the first train record's s_per_step (like
+    cost.json's seconds) leaves it out. A count made 3 s slower must not show there."""
+    import time
+
+    import kdnb.cost as cost_module
+
+    real = cost_module.step_flops
+
+    def slow_count(trainer, batch):
+        time.sleep(3.0)
+        return real(trainer, batch)
+
+    monkeypatch.setattr(cost_module, "step_flops", slow_count)
+    build_trainer(tiny(log_every=3), tmp_path, progress=False).fit()
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    first, second = [r for r in records if r.get("kind") == "train"][:2]
+    assert (first["step"], second["step"]) == (3, 6)
+    # with the count in it, the first line's three steps would each be 1 s slower
+    assert first["s_per_step"] - second["s_per_step"] < 0.5, (first, second)
+    # cost.json's step time is the log's: the sum of the two lines' steps
+    total = 3 * (first["s_per_step"] + second["s_per_step"])
+    assert cost_of(tmp_path)["train_seconds"] == pytest.approx(total, rel=0.2, abs=0.2)
