@@ -124,7 +124,8 @@ def compare(rows: list[dict], teacher_miou: float | None = None) -> list[dict]:
         Summaries with the mean and std over seeds, the paired gain over the baseline of
         the same steps (``gain``, ``gain_std``) and, where the runs' FLOPs are known, the
         compute ratio ``ratio`` and the gain over the compute-matched baseline
-        (``matched_gain``, ``matched_gain_std``; ``matched_steps`` its steps,
+        (``matched_gain``, ``matched_gain_std`` over ``matched_seeds`` paired seeds;
+        ``matched_steps`` its steps,
         ``matched_by_iterations`` where ``ratio <= SAME_COMPUTE``, ``matched_missing``
         the baseline runs to lengthen when it is missing).
     """
@@ -142,7 +143,7 @@ def compare(rows: list[dict], teacher_miou: float | None = None) -> list[dict]:
         summary = {"student": student, "methods": methods, "steps": steps, "seeds": len(by_seed),
                    "miou": mean, "std": std, "gain": None, "gain_std": None, "gap_share": None,
                    "ratio": None, "matched_gain": None, "matched_gain_std": None,
-                   "matched_steps": None, "matched_by_iterations": False, "matched_missing": None}
+                   "matched_seeds": None, "matched_steps": None, "matched_by_iterations": False, "matched_missing": None}
         if methods == "baseline":
             summaries.append(summary)
             continue
@@ -165,7 +166,7 @@ def compare(rows: list[dict], teacher_miou: float | None = None) -> list[dict]:
             summary.update(ratio=ratio, matched_steps=n, matched_by_iterations=by_iterations)
             paired = _paired(by_seed, groups.get((student, "baseline", n), {}))
             if paired:
-                summary["matched_gain"], summary["matched_gain_std"], _ = paired
+                summary["matched_gain"], summary["matched_gain_std"], summary["matched_seeds"] = paired
             else:
                 summary["matched_missing"] = [base[s]["run"] for s in sorted(base)]
         summaries.append(summary)
@@ -185,6 +186,11 @@ def format_table(summaries: list[dict], teacher_miou: float | None = None, *,
     def fmt(x, spec="{:.2f}"):
         return "-" if x is None or x != x else spec.format(x)
 
+    def gain(s, key, seeds_key):  # a gain over fewer seeds than the row's says how many
+        n = s.get(seeds_key)
+        cell = fmt(s.get(key), "{:+.2f}")
+        return cell if n is None or n == s["seeds"] or cell == "-" else f"{cell} ({n} of {s['seeds']} seeds)"
+
     if matched_compute is None:
         matched_compute = any(s.get("ratio") is not None for s in summaries)
     show_steps = matched_compute or len({s.get("steps") for s in summaries}) > 1
@@ -196,11 +202,11 @@ def format_table(summaries: list[dict], teacher_miou: float | None = None, *,
     lines = ["| " + " | ".join(head) + " |", "|---|---|" + "---:|" * (len(head) - 2)]
     for s in summaries:
         cells = [s["student"], s["methods"], *([fmt(s.get("steps"), "{}")] if show_steps else []),
-                 str(s["seeds"]), fmt(s["miou"]), fmt(s["std"]), fmt(s["gain"], "{:+.2f}"),
+                 str(s["seeds"]), fmt(s["miou"]), fmt(s["std"]), gain(s, "gain", "paired_seeds"),
                  fmt(s["gain_std"])]
         if matched_compute:
             ratio = fmt(s.get("ratio")) + ("*" if s.get("matched_by_iterations") else "")
-            cells += [ratio, fmt(s.get("matched_gain"), "{:+.2f}"), fmt(s.get("matched_gain_std"))]
+            cells += [ratio, gain(s, "matched_gain", "matched_seeds"), fmt(s.get("matched_gain_std"))]
         cells.append(fmt(s["gap_share"], "{:.0f}"))
         lines.append("| " + " | ".join(cells) + " |")
     if matched_compute:

@@ -92,6 +92,22 @@ def test_the_table_marks_the_1_05_rule_and_prints_the_missing_baselines_command(
             110, seed, {}, str(tmp_path / f"baseline-x1.10-s{seed}"))
 
 
+def test_a_gain_over_fewer_seeds_than_its_row_says_how_many(runs, capsys):
+    """A compute-matched baseline trained for one seed of two: the matched gain is over
+    that seed alone, and the table says so; the full rows stay as they were."""
+    import shutil
+
+    shutil.rmtree(next(r for r in runs if r.name == "baseline-x1.50-s1"))
+    kept = [r for r in runs if r.is_dir()]
+    mse = next(s for s in compare([read_run(r) for r in kept]) if s["methods"] == "mse")
+    assert mse["matched_seeds"] == 1 and mse["matched_gain"] == pytest.approx(2.0)
+    assert main(["compare", *map(str, kept)]) == 0
+    rows = {line.split("|")[2].strip(): line for line in capsys.readouterr().out.splitlines()
+            if line.startswith("| synth-student")}
+    assert "| 1.50 | +2.00 (1 of 2 seeds) |" in rows["mse"]
+    assert "| 1.02* | +1.50 | 0.71 |" in rows["kd"]  # both seeds: no count
+
+
 def test_without_cost_files_the_table_is_the_iteration_matched_one(tmp_path):
     """Runs from before kdnb recorded cost (and the notebooks' rows) get the table as it was."""
     runs = [fake_run(tmp_path, f"b{s}", {}, s, m) for s, m in ((0, 0.30), (1, 0.34))]

@@ -312,6 +312,25 @@ def test_every_image_mode_reads_by_the_range_of_its_type(mode, tmp_path):
         assert image.max() < 1.0 and image.mean() > 0.3
 
 
+def test_a_16_bit_image_holding_8_bit_values_warns_that_it_reads_dark(tmp_path):
+    """8-bit data saved as a 16-bit PNG reads 257x darker (it is scaled by 65535): a
+    warning names the folder, a file, the mode and the fix; real 16-bit data does not warn."""
+    import warnings
+
+    base = camvid_with(tmp_path, Image.fromarray(GRAY.astype(np.uint16)))
+    dataset = build_dataset("camvid", root=tmp_path, split="train")
+    with pytest.warns(UserWarning, match="257x darker") as caught:
+        image, _ = dataset[0]
+    message = str(caught[0].message)
+    path = first_image("camvid", base)
+    assert str(path.parent) in message and path.name in message and "'I;16'" in message
+    assert "Save them as 8-bit PNGs" in message and image.max() <= 255 / 65535 + 1e-6
+    camvid_with(tmp_path / "real", Image.fromarray(GRAY.astype(np.uint16) * 261))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        build_dataset("camvid", root=tmp_path / "real", split="train")[0]
+
+
 @pytest.mark.parametrize("mode, make, words", [
     ("I", lambda: Image.fromarray(GRAY.astype(np.int32) * 1000), "outside 0..65535"),
     ("F", lambda: Image.fromarray(GRAY.astype(np.float32)), "outside 0..1"),
