@@ -122,12 +122,13 @@ def compare(rows: list[dict], teacher_miou: float | None = None) -> list[dict]:
 
     Returns:
         Summaries with the mean and std over seeds, the paired gain over the baseline of
-        the same steps (``gain``, ``gain_std``) and, where the runs' FLOPs are known, the
-        compute ratio ``ratio`` and the gain over the compute-matched baseline
+        the same steps (``gain``, ``gain_std`` over ``paired_seeds`` paired seeds) and,
+        where the runs' FLOPs are known, the compute ratio ``ratio`` and the gain over the compute-matched baseline
         (``matched_gain``, ``matched_gain_std`` over ``matched_seeds`` paired seeds;
         ``matched_steps`` its steps,
         ``matched_by_iterations`` where ``ratio <= SAME_COMPUTE``, ``matched_missing``
-        the baseline runs to lengthen when it is missing).
+        the baseline runs to lengthen for the seeds whose compute-matched baseline is
+        missing).
     """
     groups: dict[tuple, dict[int, dict]] = defaultdict(dict)
     for row in rows:
@@ -141,7 +142,7 @@ def compare(rows: list[dict], teacher_miou: float | None = None) -> list[dict]:
     for (student, methods, steps), by_seed in sorted(groups.items(), key=lambda kv: order(kv[0])):
         mean, std = _mean_std([r["miou"] for r in by_seed.values()])
         summary = {"student": student, "methods": methods, "steps": steps, "seeds": len(by_seed),
-                   "miou": mean, "std": std, "gain": None, "gain_std": None, "gap_share": None,
+                   "miou": mean, "std": std, "gain": None, "gain_std": None, "paired_seeds": None, "gap_share": None,
                    "ratio": None, "matched_gain": None, "matched_gain_std": None,
                    "matched_seeds": None, "matched_steps": None, "matched_by_iterations": False, "matched_missing": None}
         if methods == "baseline":
@@ -164,11 +165,13 @@ def compare(rows: list[dict], teacher_miou: float | None = None) -> list[dict]:
             by_iterations = ratio <= SAME_COMPUTE
             n = steps if by_iterations else matched_steps(steps, ratio)
             summary.update(ratio=ratio, matched_steps=n, matched_by_iterations=by_iterations)
-            paired = _paired(by_seed, groups.get((student, "baseline", n), {}))
+            longer = groups.get((student, "baseline", n), {})
+            paired = _paired(by_seed, longer)
             if paired:
                 summary["matched_gain"], summary["matched_gain_std"], summary["matched_seeds"] = paired
-            else:
-                summary["matched_missing"] = [base[s]["run"] for s in sorted(base)]
+            missing = [base[s]["run"] for s in sorted(base) if s in by_seed and s not in longer]
+            if missing or not paired:  # the seeds whose compute-matched baseline is not trained
+                summary["matched_missing"] = missing
         summaries.append(summary)
     return summaries
 

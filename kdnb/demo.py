@@ -28,8 +28,10 @@ from .models import SegModel
 #: What ``make demo`` compares after the teacher (one seed): NFD and NFD+FAKD at the layer
 #: chosen on val (encoder stage 2), pixel KD on the logits.
 DEMO_METHODS = ("baseline", "kd", "nfd-stage2", "nfd-stage2+fakd")
-#: Student steps in the demo: the comparison of four students fits in the 15-minute
-#: budget of ``make demo`` (the benchmark trains the full ``synth-student`` recipe).
+#: Student steps in the demo (the benchmark trains the full ``synth-student`` recipe): the
+#: four students take about a third of the demo. The whole demo took 9 min on a fast day
+#: and 27 on a slow one (benchmarks/RESULTS.md, "`make demo`: time and result"), over the
+#: 15-minute budget there: the teacher's 1800 steps alone took 16 minutes.
 DEMO_STUDENT_STEPS = 500
 
 

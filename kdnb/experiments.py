@@ -74,8 +74,8 @@ VARIANTS: dict[str, dict] = {
 #: has the recipes per dataset). The method's loss comes first, so that a weight sweep
 #: (``synth_distill.py --sweep``) scales it and leaves KD as it is. Both read the head
 #: feature: Af-DCD's scripts read the encoder's last stage, which is 2x2 on a 64-pixel
-#: SynthScenes image, smaller than its 4x4 pooling window; the head feature (16x16) is the
-#: map of the resolution Af-DCD's authors distil (stride 4 here, 8 in their dilated nets).
+#: SynthScenes image, smaller than its 4x4 pooling window; the head feature (16x16, stride
+#: 4) is the map nearest in resolution to the one its authors distil (stride 8, dilated).
 PUBLIC: dict[str, dict] = {
     "kd+cirkd": {"cirkd": {"weight": 1.0}, "kd": {**_KD}},
     "kd+afdcd": {"afdcd": {"weight": 1.0}, "kd": {**_KD}},

@@ -282,17 +282,34 @@ def test_synth_distill_runs_the_public_methods_beside_kd(tmp_path, monkeypatch):
 
 def test_notebook_times_runs_a_notebook_and_reports_it(tmp_path):
     """benchmarks/notebook_times.py runs the notebooks it is given in quick mode, in a data
-    root of their own, and prints one row per notebook; a prefix that names none is an error."""
+    root of their own, and prints one row per notebook; a failing notebook gets a row that
+    says at which cell and the script exits non-zero; a prefix that names none is an error."""
+    import nbformat
+
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "notebook_times.py"), "00", "--no-write",
+    script = str(ROOT / "benchmarks" / "notebook_times.py")
+    cmd = [sys.executable, script, "00", "--no-write", "--threads", "1",
            "--data", str(tmp_path / "data")]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert re.search(r"^\| 00_setup_and_data\.ipynb \| \d+ \| \d+ \| \d+ \|$", proc.stdout,
                      re.MULTILINE), proc.stdout
     assert "quick mode (KDNB_QUICK=1)" in proc.stdout and "appended to" not in proc.stdout
-    proc = subprocess.run(cmd[:2] + ["99", "--no-write"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=60)
+    folder = tmp_path / "notebooks"
+    folder.mkdir()
+    cells = [nbformat.v4.new_markdown_cell("# a"), nbformat.v4.new_code_cell("x = 1"),
+             nbformat.v4.new_code_cell("raise ValueError('broken on purpose')")]
+    nbformat.write(nbformat.v4.new_notebook(cells=cells), folder / "01_bad.ipynb")
+    nbformat.write(nbformat.v4.new_notebook(cells=cells[:2]), folder / "02_good.ipynb")
+    proc = subprocess.run([*cmd[:2], "--dir", str(folder), "--no-write", "--threads", "1"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0 and "failed: 01_bad.ipynb" in proc.stderr, proc.stderr[-2000:]
+    assert re.search(r"^\| 01_bad\.ipynb \| .* failed at cell 2: .*broken on purpose", proc.stdout,
+                     re.MULTILINE), proc.stdout
+    assert re.search(r"^\| 02_good\.ipynb \| \d+ \| \d+ \| \d+ \|$", proc.stdout,
+                     re.MULTILINE), proc.stdout  # the notebooks after it still run
+    proc = subprocess.run([*cmd[:2], "99", "--no-write"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "no notebook" in proc.stderr
 
 

@@ -102,10 +102,14 @@ def test_a_gain_over_fewer_seeds_than_its_row_says_how_many(runs, capsys):
     mse = next(s for s in compare([read_run(r) for r in kept]) if s["methods"] == "mse")
     assert mse["matched_seeds"] == 1 and mse["matched_gain"] == pytest.approx(2.0)
     assert main(["compare", *map(str, kept)]) == 0
-    rows = {line.split("|")[2].strip(): line for line in capsys.readouterr().out.splitlines()
+    out = capsys.readouterr().out
+    rows = {line.split("|")[2].strip(): line for line in out.splitlines()
             if line.startswith("| synth-student")}
     assert "| 1.50 | +2.00 (1 of 2 seeds) |" in rows["mse"]
     assert "| 1.02* | +1.50 | 0.71 |" in rows["kd"]  # both seeds: no count
+    # the footnote trains the missing seed's baseline only
+    commands = [line.split() for line in out.splitlines() if "kdnb train" in line and "x1.50" in line]
+    assert [c[-1] for c in commands] == [str(kept[0].parent / "baseline-x1.50-s1")], out
 
 
 def test_without_cost_files_the_table_is_the_iteration_matched_one(tmp_path):

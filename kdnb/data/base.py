@@ -157,12 +157,13 @@ def image_array(im: Image.Image, path: Path) -> np.ndarray:
                          f"{high:g}, outside 0..{full:g}, so its brightness range is unknown: "
                          "save it as an 8-bit RGB PNG or a 16-bit grayscale PNG")
     if full == 65535.0 and 0 < high <= 255:
-        # Named by folder, not file: Python shows a warning once per message, so a dataset
-        # saved this way warns once per folder instead of once per image.
-        warnings.warn(f"16-bit images in {path.parent} (e.g. {path.name}, Pillow mode "
-                      f"{im.mode!r}) hold values within 0..255 only: 8-bit data saved as 16-bit, "
-                      f"read as 16-bit they are {full / 255:.0f}x darker than meant. Save them "
-                      "as 8-bit PNGs (or scale them to 0..65535).", UserWarning, stacklevel=2)
+        # The message names the folder, not the file: Python shows a warning once per
+        # message and place, so a dataset saved this way warns once per folder.
+        warnings.warn(f"images of Pillow mode {im.mode!r} in {path.parent} hold values within "
+                      f"0..255 only: probably 8-bit data saved in a 16-bit file, which reads "
+                      f"{full / 255:.0f}x darker than meant (kdnb divides this mode by "
+                      f"{full:g}). Save them as 8-bit PNGs, or scale them to 0..{full:g}.",
+                      UserWarning, stacklevel=2)
     return np.repeat((gray / full).astype(np.float32)[..., None], 3, axis=2)
 
 
