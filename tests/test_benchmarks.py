@@ -343,8 +343,9 @@ def test_gpu_check_dry_run_writes_every_section(tmp_path, monkeypatch):
     collected, one results file with every section and the criteria read off."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHON": sys.executable}
     out = tmp_path / "out"
+    # a hang guard: 38-49 s on two idle cores, over 300 s with five processes on them
     proc = subprocess.run(["bash", str(GPU_CHECK), "--dry-run", str(out)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert sorted(p.name for p in out.iterdir()) == ["gpu_check.log", "gpu_check.md"]
     text = (out / "gpu_check.md").read_text()
