@@ -33,7 +33,7 @@ its largest). Printed and appended to benchmarks/RESULTS.md (``--no-write`` skip
   - ``kdnb-compile`` (``--compile``): ``kdnb`` with both networks compiled in place
     (``nn.Module.compile``; their forward passes have no hooks);
   - ``kdnb-loader``: ``kdnb`` fed by the loader ``Trainer.fit`` uses (``Trainer.loader``: StepSampler,
-    ``collate``, pinned memory on CUDA, ``--workers`` processes) over PNG files written
+    ``CheckedCollate``, pinned memory on CUDA, ``--workers`` processes) over PNG files written
     to a temporary folder (Cityscapes-sized, 1024x2048, with kdnb's training transform:
     scale 0.5-2, crop, flip), and ``loader-only``: that loader alone, to see whether it
     keeps up with the step;
@@ -50,7 +50,13 @@ its largest). Printed and appended to benchmarks/RESULTS.md (``--no-write`` skip
 
 Timing: untimed warm-up steps first; then windows of steps, on CUDA between two CUDA
 events with a ``synchronize`` before the window and on the end event only (nothing syncs
-inside kdnb's steps unless kdnb does); the median window is reported. FLOPs are counted
+inside kdnb's steps unless kdnb does); the median window is reported. The variants run
+one after the other, so a machine whose speed drifts during the run (a CPU shared with
+other jobs) favours some of them; ``--interleave`` builds and warms up every plain variant
+first and then takes their windows in turn, round by round (the order reversed every
+round), and reports each speed-up as the median of its per-round ratios to the reference
+(benchmarks/RESULTS.md, "kdnb's step against the research-code step": one pair measured
+0.95x and 1.02x with the variants' order swapped). FLOPs are counted
 once with ``torch.utils.flop_counter.FlopCounterMode`` on one kdnb step (teacher
 forward, student forward and backward, the losses' matrix products); every variant does
 the same model work, so MFU = those FLOPs / step time / peak. Host syncs are counted on
@@ -165,6 +171,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="default: reference-fp32 kdnb-fp32 kdnb-bf16 kdnb kdnb-loader, "
                              "+ kdnb-cudnn-benchmark on CUDA, + kdnb-compile with --compile")
     parser.add_argument("--compile", action="store_true", help="add the kdnb-compile variant")
+    parser.add_argument("--interleave", action="store_true",
+                        help="build and warm up every plain variant first, then time them in "
+                             "rounds (one window of each per round, the order reversed every "
+                             "round), the speed-up being the median per-round ratio: what a "
+                             "machine whose speed drifts needs (no peak memory for those rows; "
+                             "the loader variants run after them as usual; not with --profile)")
     parser.add_argument("--compile-mode", default=None,
                         help="torch.compile mode (default: torch's; for example "
                              "max-autotune-no-cudagraphs)")
@@ -233,6 +245,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--loader-files must be >= --batch")
     if args.peak_tflops is not None and args.peak_tflops <= 0:
         parser.error("--peak-tflops must be > 0")
+    if args.interleave and args.profile:
+        parser.error("--interleave times variants side by side: profile without it")
     return args
 
 
@@ -494,6 +508,60 @@ class Row:
     peak_gib: float | None = None
     syncs: int | None = None
     note: str = ""
+    speedup: float | None = None  # --interleave: median per-round ratio to the reference
+
+
+def build_step(name: str, args, pair: Pair, batch: tuple[torch.Tensor, torch.Tensor],
+               dataset=None) -> tuple[Callable[[], None], object, TrainConfig, int]:
+    """One variant's step as a closure: (step, its runner, its config, warm-up steps)."""
+    variant = VARIANTS[name]
+    images, masks = batch
+    teacher, student = copy.deepcopy(pair.teacher), copy.deepcopy(pair.student)
+    cfg = kdnb_config(args, pair.classes, {"kd": None}, variant)
+    if variant.step == "reference":
+        runner = ReferenceStep(teacher, student, cfg, images.device,
+                               teacher_grad=variant.teacher_grad)
+        step_on = runner
+    else:
+        data = dataset if variant.loader else BatchDataset(images, masks, pair.classes)
+        runner = kdnb_trainer(cfg, teacher, student, data)
+        if variant.compile:
+            compile_in_place(runner.teacher, args.compile_mode)
+            compile_in_place(runner.model, args.compile_mode)
+        sums: dict = {}
+
+        def step_on(x, y):
+            kdnb_fit_step(runner, x, y, sums)
+
+    warmup = args.warmup + (3 if variant.compile else 0)
+    if variant.loader:
+        # The loader prefetches workers x 2 batches: skip past them, so the timed
+        # steps wait for batches made while the step runs.
+        warmup += 2 * max(args.workers, 1)
+        loader = iter(runner.loader())
+
+        def step() -> None:
+            x, y = next(loader)
+            step_on(x, y)
+    else:
+        def step() -> None:
+            step_on(images, masks)
+    return step, runner, cfg, warmup
+
+
+def step_extras(name: str, step, runner, cfg: TrainConfig, images: torch.Tensor,
+                device: torch.device) -> dict:
+    """FLOPs of the step and of the teacher's forward, counted on a plain kdnb variant."""
+    variant = VARIANTS[name]
+    if variant.step != "kdnb" or variant.compile or variant.loader:
+        return {}
+    cuda = device.type == "cuda"
+    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16,
+                                                enabled=cuda and cfg.amp):
+        x = images.to(memory_format=torch.channels_last) if (cuda and cfg.channels_last) \
+            else images
+        teacher_flops = count_flops(lambda: forward_with_head(runner.teacher, x))
+    return {"teacher_flops": teacher_flops, "step_flops": count_flops(step)}
 
 
 def run_variant(name: str, args, pair: Pair, batch: tuple[torch.Tensor, torch.Tensor],
@@ -502,55 +570,19 @@ def run_variant(name: str, args, pair: Pair, batch: tuple[torch.Tensor, torch.Te
     """Builds one variant, warms it up, times it; returns its row and extras (FLOPs...)."""
     variant = VARIANTS[name]
     cuda = device.type == "cuda"
-    images, masks = batch
     extras: dict = {}
     memory.reset()
     cudnn_before = torch.backends.cudnn.benchmark
     torch.backends.cudnn.benchmark = variant.cudnn_benchmark
-    teacher, student = copy.deepcopy(pair.teacher), copy.deepcopy(pair.student)
-    cfg = kdnb_config(args, pair.classes, {"kd": None}, variant)
     try:
-        if variant.step == "reference":
-            runner = ReferenceStep(teacher, student, cfg, device, teacher_grad=variant.teacher_grad)
-            step_on = runner
-        else:
-            data = dataset if variant.loader else BatchDataset(images, masks, pair.classes)
-            runner = kdnb_trainer(cfg, teacher, student, data)
-            if variant.compile:
-                compile_in_place(runner.teacher, args.compile_mode)
-                compile_in_place(runner.model, args.compile_mode)
-            sums: dict = {}
-
-            def step_on(x, y):
-                kdnb_fit_step(runner, x, y, sums)
-
-        warmup = args.warmup + (3 if variant.compile else 0)
-        if variant.loader:
-            # The loader prefetches workers x 2 batches: skip past them, so the timed
-            # steps wait for batches made while the step runs.
-            warmup += 2 * max(args.workers, 1)
-            loader = iter(runner.loader())
-
-            def step() -> None:
-                x, y = next(loader)
-                step_on(x, y)
-        else:
-            def step() -> None:
-                step_on(images, masks)
-
+        step, runner, cfg, warmup = build_step(name, args, pair, batch, dataset)
         for _ in range(warmup):
             step()
         times = [time_window(step, args.steps, cuda) for _ in range(args.repeats)]
         row = Row(name, statistics.median(times), memory.read())
         if cuda and not variant.loader:
             row.syncs = count_host_syncs(step)
-        if variant.step == "kdnb" and not variant.compile and not variant.loader:
-            with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16,
-                                                        enabled=cuda and cfg.amp):
-                x = images.to(memory_format=torch.channels_last) if (cuda and cfg.channels_last) \
-                    else images
-                extras["teacher_flops"] = count_flops(lambda: forward_with_head(runner.teacher, x))
-            extras["step_flops"] = count_flops(step)
+        extras.update(step_extras(name, step, runner, cfg, batch[0], device))
         if profile:
             extras["profile"] = profile_steps(step, cuda, args)
     except torch.cuda.OutOfMemoryError:
@@ -561,6 +593,63 @@ def run_variant(name: str, args, pair: Pair, batch: tuple[torch.Tensor, torch.Te
     finally:
         torch.backends.cudnn.benchmark = cudnn_before
     return row, extras
+
+
+def run_interleaved(names: list[str], args, pair: Pair, batch: tuple[torch.Tensor, torch.Tensor],
+                    device: torch.device) -> tuple[list[Row], dict]:
+    """``--interleave``: every plain variant built and warmed up first, then timed in
+    rounds, one window of each variant per round, so that a drift of the machine (another
+    job, a clock change) reaches every variant alike. An untimed round comes first (the
+    first variants' warm-up lies minutes back once a later one has compiled), and the
+    order reverses from round to round, so a steady drift favours none. A row's time is
+    its median window; its speed-up is the median over rounds of the reference's window
+    over its own, a ratio measured round by round. All variants live at once, so no peak
+    memory is read; host syncs are counted after the rounds (CUDA). A variant that fails
+    costs its own row only."""
+    cuda = device.type == "cuda"
+    cudnn_before = torch.backends.cudnn.benchmark
+    built, rows, extras = {}, {}, {}
+
+    def failed(name: str, err: Exception) -> None:
+        traceback.print_exc()
+        built.pop(name, None)
+        rows[name] = Row(name, None, note=("out of memory" if isinstance(
+            err, torch.cuda.OutOfMemoryError) else f"failed: {type(err).__name__}"))
+
+    try:
+        for name in names:
+            torch.backends.cudnn.benchmark = VARIANTS[name].cudnn_benchmark
+            try:
+                step, runner, cfg, warmup = build_step(name, args, pair, batch)
+                for _ in range(warmup):
+                    step()
+                built[name] = step
+                if "step_flops" not in extras:
+                    found = step_extras(name, step, runner, cfg, batch[0], device)
+                    extras.update(found, **({"flops_from": name} if found else {}))
+            except Exception as err:
+                failed(name, err)
+        times: dict[str, list[float]] = {name: [] for name in built}
+        for round_ in range(-1, args.repeats):  # round -1: untimed
+            order = list(built) if round_ % 2 == 0 else list(built)[::-1]
+            for name in order:
+                torch.backends.cudnn.benchmark = VARIANTS[name].cudnn_benchmark
+                try:
+                    seconds = time_window(built[name], args.steps, cuda)
+                except Exception as err:
+                    failed(name, err)
+                    continue
+                if round_ >= 0:
+                    times[name].append(seconds)
+        syncs = {name: count_host_syncs(step) for name, step in built.items()} if cuda else {}
+    finally:
+        torch.backends.cudnn.benchmark = cudnn_before
+    ref = times.get(REFERENCE) if REFERENCE in built else None
+    for name in built:
+        window = times[name]
+        speedup = statistics.median(r / t for r, t in zip(ref, window)) if ref else None
+        rows[name] = Row(name, statistics.median(window), syncs=syncs.get(name), speedup=speedup)
+    return [rows[name] for name in names], extras
 
 
 def run_loader_only(args, dataset, device: torch.device) -> Row:
@@ -675,7 +764,8 @@ def variant_rows(rows: list[Row], flops: int | None, peak: float | None, batch: 
             "MFU %": "-" if loader_only else fmt(mfu, ".1f"),
             "peak GiB": "-" if loader_only else fmt(r.peak_gib, ".2f"),
             "syncs/step": "-" if loader_only else fmt(r.syncs, "d"),
-            "vs reference": ("-" if (loader_only or not ref or not r.s_per_step)
+            "vs reference": (f"{r.speedup:.2f}x" if r.speedup is not None else
+                             "-" if (loader_only or not ref or not r.s_per_step)
                              else f"{ref.s_per_step / r.s_per_step:.2f}x"),
             "note": r.note,
         })
@@ -709,7 +799,8 @@ def criteria_lines(rows: list[Row], flops: int | None, peak: float | None, judge
         (lambda ok: "judged on a GPU at full size only")
     lines = []
     if REFERENCE in by_name and KDNB in by_name:
-        speedup = by_name[REFERENCE].s_per_step / by_name[KDNB].s_per_step
+        speedup = (by_name[KDNB].speedup if by_name[KDNB].speedup is not None  # --interleave
+                   else by_name[REFERENCE].s_per_step / by_name[KDNB].s_per_step)
         lines.append(f"kdnb over reference-fp32: {speedup:.2f}x images/s (criterion >= "
                      f"{SPEEDUP_CRITERION:g}x): {verdict(speedup >= SPEEDUP_CRITERION)}")
     if KDNB in by_name:
@@ -791,7 +882,9 @@ def main(argv: list[str] | None = None) -> int:
                                   "unknown (MFU n/a; pass --peak-tflops)"))
     print(f"timing: {plural(args.warmup, 'warm-up step')}, median of "
           f"{plural(args.repeats, 'window')} of {plural(args.steps, 'step')}; peak memory: "
-          + ("torch.cuda.max_memory_allocated" if cuda else "process peak RSS"))
+          + ("torch.cuda.max_memory_allocated" if cuda else "process peak RSS")
+          + ("; --interleave: the plain variants' windows in rounds, one of each per round, "
+             "no peak memory for them" if args.interleave else ""))
     if not cuda:
         print("CPU: kdnb enables bf16 autocast and channels-last on CUDA only, so kdnb-fp32, "
               "kdnb-bf16 and kdnb run the same code here")
@@ -828,7 +921,14 @@ def main(argv: list[str] | None = None) -> int:
         print()
         plain = [v for v in args.variants if not VARIANTS[v].loader]
         profile_target = KDNB if KDNB in plain else (plain or [None])[0]
-        for name in args.variants:
+        if args.interleave:  # the plain variants timed round by round, then the loader's
+            rows, found = run_interleaved(plain, args, pair, (images, masks), device)
+            extras.update(found)
+            for row in rows:
+                ratio = (f", {row.speedup:.2f}x the reference" if row.speedup is not None else "")
+                print(f"  {row.name}: " + (f"{1e3 * row.s_per_step:.1f} ms/step{ratio}"
+                                           if row.s_per_step else row.note), flush=True)
+        for name in [v for v in args.variants if VARIANTS[v].loader or not args.interleave]:
             row, found = run_variant(name, args, pair, (images, masks), device, memory,
                                      dataset, profile=args.profile and name == profile_target)
             rows.append(row)
@@ -887,7 +987,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nwall time {wall:.1f} s", flush=True)
 
     if not args.no_write:
-        parts = [f"\n## GPU throughput, {datetime.date.today()}\n",
+        title = "GPU throughput" if cuda else "Distillation step throughput on a CPU"
+        parts = [f"\n## {title}, {datetime.date.today()}\n",
                  f"- command: `{command}`",
                  f"- device: {machine}; torch {torch.__version__}, kdnb {kdnb_version}; "
                  f"{precision}; bf16 dense peak "
@@ -896,9 +997,13 @@ def main(argv: list[str] | None = None) -> int:
                  "of random labels, 5 % ignored)",
                  f"- timing: {plural(args.warmup, 'warm-up step')}, median of "
                  f"{plural(args.repeats, 'window')} of {plural(args.steps, 'step')}"
-                 + (" between CUDA events" if cuda else ""),
+                 + (" between CUDA events" if cuda else "")
+                 + ("; --interleave: the variants' windows taken in turn, round by round, "
+                    "'vs reference' the median per-round ratio" if args.interleave else ""),
                  f"- {flop_line}",
-                 "- peak memory: " + ("`torch.cuda.max_memory_allocated` from the variant's "
+                 "- peak memory: " + ("not read for the interleaved rows (every variant "
+                                      "lives at once)" if args.interleave else
+                                      "`torch.cuda.max_memory_allocated` from the variant's "
                                       "models placed on the GPU" if cuda else
                                       "process peak RSS (CPU)"),
                  f"- variants: see the docstring of benchmarks/gpu_throughput.py; "

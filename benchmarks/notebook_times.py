@@ -2,13 +2,13 @@
 
     python benchmarks/notebook_times.py                 # quick mode, every notebook in order
     python benchmarks/notebook_times.py --full 01 02    # full budgets (the teacher from the
-                                                        # cache make demo fills, or trained)
+                                                        # cache make demo-full fills, or trained)
 
 The notebooks run in order in one kernel each, sharing one data root, as a learner opening
 00, 01, ... in JupyterLab would: a model an earlier notebook trained is loaded from the
 cache by the later ones, so a notebook run alone can take longer. The data root is
 ``--data``; by default a new folder in quick mode, and kdnb's own data root with ``--full``
-(where ``make demo`` cached the teacher). The kernel keeps torch's own thread count
+(where ``make demo-full`` cached the teacher). The kernel keeps torch's own thread count
 (every core) unless ``--threads`` sets ``OMP_NUM_THREADS``. Run it on an idle machine:
 under load, a multi-threaded torch kernel slows by far more than the load suggests. The
 table (seconds per notebook, the slowest cell and its index among all cells, 0-based) is

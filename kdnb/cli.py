@@ -235,7 +235,7 @@ def cmd_demo(args) -> int:
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
     run_demo(out=Path(args.out), quick=args.quick or os.environ.get("KDNB_QUICK") == "1",
              fresh=args.fresh, threads=args.threads, methods=methods,
-             student_steps=args.student_steps)
+             student_steps=args.student_steps, full=args.full)
     return 0
 
 
@@ -287,14 +287,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="teacher, then students compared on SynthScenes (one seed), "
                        "with a prediction PNG")
     p.add_argument("--out", default="runs/demo")
-    from .demo import DEMO_METHODS, DEMO_STUDENT_STEPS
-    from .experiments import COMPARISON
+    from .demo import DEMO_METHODS, DEMO_STUDENT_STEPS, DEMO_TEACHER_STEPS, FULL_STUDENT_STEPS
+    from .experiments import COMPARISON, teacher_config
 
     p.add_argument("--methods", default=",".join(DEMO_METHODS),
                    help=f"students to compare (kdnb.experiments.COMPARISON: "
                         f"{', '.join(COMPARISON)})")
     p.add_argument("--student-steps", type=int,
-                   help=f"steps per student (default: the demo's budget, {DEMO_STUDENT_STEPS})")
+                   help=f"steps per student (default: {DEMO_STUDENT_STEPS}, with --full "
+                        f"{FULL_STUDENT_STEPS})")
+    p.add_argument("--full", action="store_true",
+                   help=f"the teacher the notebooks and benchmarks share ({teacher_config().steps} "
+                        f"steps, cached for them) instead of the 15-minute budget's "
+                        f"({DEMO_TEACHER_STEPS})")
     p.add_argument("--quick", action="store_true", help="a tiny budget (for tests); also KDNB_QUICK=1")
     p.add_argument("--fresh", action="store_true", help="retrain even if a cached model exists")
     p.add_argument("--threads", type=int, help="torch CPU threads")

@@ -53,7 +53,7 @@ from .checkpoint import (append_line, atomic_save, atomic_save_json, atomic_writ
                          remove_stale_files, save_checkpoint, saved_config, writing)
 from .config import TrainConfig
 from .cost import RunCost
-from .data.sampler import Indexed, StepSampler, collate
+from .data.sampler import CheckedCollate, Indexed, StepSampler
 from .distill import DistillLosses, distill_step, task_loss
 from .metrics import evaluate
 from .rundir import RunLock, RunLockedError, check_run_dir, input_digests, input_differences
@@ -376,7 +376,8 @@ class Trainer:
         # shift dropout's random stream on resume.
         dataset = Indexed(self.train_set) if self.teacher_cache is not None else self.train_set
         return DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.workers,
-                          collate_fn=collate, pin_memory=self.cuda,
+                          collate_fn=CheckedCollate(self.num_classes),
+                          pin_memory=self.cuda,
                           generator=torch.Generator().manual_seed(cfg.seed))
 
     def run_step(self, images: torch.Tensor, masks: torch.Tensor, *extra

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from kdnb.losses import METHODS
 
@@ -28,6 +29,16 @@ def load_script(monkeypatch, name: str):
     return bench
 
 
+def quick_synth_distill(tmp_path, *args: str) -> tuple[list[str], dict]:
+    """The command and environment of benchmarks/synth_distill.py in quick mode, one seed
+    and one thread, with its runs and data root under ``tmp_path`` and nothing written."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "KDNB_DATA": str(tmp_path / "data")}
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "synth_distill.py"), "--quick", "--no-write",
+           "--seeds", "1", "--threads", "1", "--root", str(tmp_path / "runs"), *args]
+    return cmd, env
+
+
 def test_loss_overhead_quick_prints_every_method():
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(
@@ -47,10 +58,7 @@ def test_loss_overhead_quick_prints_every_method():
 
 def test_synth_distill_quick_runs_every_method_and_resumes(tmp_path):
     """Quick budgets: every method trains, both tables print; a rerun reuses the runs."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-           "KDNB_DATA": str(tmp_path / "data")}
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "synth_distill.py"), "--quick", "--no-write",
-           "--seeds", "1", "--threads", "1", "--root", str(tmp_path / "runs")]
+    cmd, env = quick_synth_distill(tmp_path)
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     for table in ("val (model selection)", "test (reported)", "Per seed (test)",
@@ -73,11 +81,8 @@ def test_synth_distill_matched_compute_trains_longer_baselines_once(tmp_path):
     tables gain the compute-matched gain, and a rerun trains nothing again."""
     import json
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-           "KDNB_DATA": str(tmp_path / "data")}
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "synth_distill.py"), "--quick", "--no-write",
-           "--seeds", "1", "--threads", "1", "--root", str(tmp_path / "runs"),
-           "--methods", "baseline", "kd", "mse-stage2", "--matched-compute"]
+    cmd, env = quick_synth_distill(tmp_path, "--methods", "baseline", "kd", "mse-stage2",
+                                   "--matched-compute")
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     runs = tmp_path / "runs"
@@ -114,11 +119,7 @@ def test_synth_distill_teacher_set_trains_another_teacher(tmp_path):
     """--teacher-set: a second teacher in its own file; the tagged students distil from it."""
     import json
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-           "KDNB_DATA": str(tmp_path / "data")}
-    base = [sys.executable, str(ROOT / "benchmarks" / "synth_distill.py"), "--quick", "--no-write",
-            "--seeds", "1", "--threads", "1", "--root", str(tmp_path / "runs"),
-            "--methods", "baseline", "kd"]
+    base, env = quick_synth_distill(tmp_path, "--methods", "baseline", "kd")
     proc = subprocess.run(base + ["--teacher-set", "steps=6"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and "--tag" in proc.stderr  # a changed teacher needs a folder
@@ -190,6 +191,59 @@ def test_gpu_throughput_quick_prints_every_row():
     assert "appended to" not in out  # --no-write wrote nothing
 
 
+def test_gpu_throughput_interleave_times_variants_round_by_round(monkeypatch):
+    """--interleave: after an untimed round, the windows of the variants alternate, the
+    order reversed every round, and a variant's speed-up is the median of its per-round
+    ratios to the reference, not the ratio of the medians: a window slowed by the machine
+    (round 1 of kdnb, round 2 of the reference) moves neither; the script runs so."""
+    bench = load_script(monkeypatch, "gpu_throughput")
+    order = []
+    monkeypatch.setattr(bench, "build_step", lambda name, *a, **k: (name, None, None, 0))
+    monkeypatch.setattr(bench, "step_extras", lambda *a, **k: {})
+    windows = {"reference-fp32": [9.0, 1.0, 1.0, 3.0], "kdnb-fp32": [9.0, 0.5, 3.0, 1.5]}
+
+    def window(step, n, cuda):
+        order.append(step)
+        return windows[step][sum(s == step for s in order) - 1]
+
+    monkeypatch.setattr(bench, "time_window", window)
+    args = type("Args", (), {"repeats": 3, "steps": 1})()
+    rows, _ = bench.run_interleaved(["reference-fp32", "kdnb-fp32"], args, None, (None, None),
+                                    torch.device("cpu"))
+    ref, kdnb = "reference-fp32", "kdnb-fp32"
+    assert order == [kdnb, ref, ref, kdnb, kdnb, ref, ref, kdnb]
+    assert [r.s_per_step for r in rows] == [1.0, 1.5]  # ratio of medians: 0.67
+    assert [r.speedup for r in rows] == [1.0, 2.0]  # per round: 2, 1/3, 2
+    # a variant that fails in a round costs its own row only
+    order.clear()
+    windows = {ref: [1.0] * 4, kdnb: [1.0, 0.5]}
+
+    def failing(step, n, cuda):
+        order.append(step)
+        if step == kdnb and order.count(kdnb) == 3:
+            raise RuntimeError("compiler error")
+        return windows[step][order.count(step) - 1]
+
+    monkeypatch.setattr(bench, "time_window", failing)
+    rows, _ = bench.run_interleaved([ref, kdnb], args, None, (None, None), torch.device("cpu"))
+    assert rows[0].s_per_step == 1.0 and rows[1].s_per_step is None
+    assert rows[1].note == "failed: RuntimeError" and order.count(ref) == 4
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, str(GPU_THROUGHPUT), "--quick", "--no-write",
+                           "--interleave", "--variants", "reference-fp32", "kdnb-fp32",
+                           "--loss-classes", "--repeats", "2"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert re.search(rf"^  kdnb-fp32: {NUMBER} ms/step, {NUMBER}x the reference$", proc.stdout,
+                     re.MULTILINE), proc.stdout
+    assert re.search(r"^reference-fp32\s.*\s1\.00x\s*$", proc.stdout, re.MULTILINE), proc.stdout
+    proc = subprocess.run([sys.executable, str(GPU_THROUGHPUT), "--quick", "--no-write",
+                           "--interleave", "--variants", "kdnb-fp32", "--loss-classes"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]  # no reference
+    assert re.search(rf"^  kdnb-fp32: {NUMBER} ms/step$", proc.stdout, re.MULTILINE), proc.stdout
+
+
 def test_gpu_throughput_peak_table_and_criteria(monkeypatch):
     """The bf16 peaks by device name, and the verdicts computed from them."""
     bench = load_script(monkeypatch, "gpu_throughput")
@@ -240,11 +294,8 @@ def test_nfd_premise_quick_prints_every_layer():
 def test_synth_distill_pretrained_regime_starts_every_run_from_pretext_encoders(tmp_path):
     import json
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-           "KDNB_DATA": str(tmp_path / "data")}
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "synth_distill.py"), "--quick", "--no-write",
-           "--seeds", "1", "--threads", "1", "--root", str(tmp_path / "runs"), "--regime",
-           "pretrained", "--methods", "baseline", "kd+fakd-mkd", "nfd-multi"]  # two VARIANTS
+    cmd, env = quick_synth_distill(tmp_path, "--regime", "pretrained", "--methods", "baseline",
+                                   "kd+fakd-mkd", "nfd-multi")  # two VARIANTS
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     encoders = sorted(p.name for p in (tmp_path / "data" / "checkpoints").glob("pretext-*.pt"))
@@ -266,11 +317,8 @@ def test_synth_distill_runs_the_public_methods_beside_kd(tmp_path, monkeypatch):
     both of its losses."""
     bench = load_script(monkeypatch, "synth_distill")
     assert {("kd+cirkd", "kd"), ("kd+afdcd", "kd")} <= set(bench.PAIRS)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-           "KDNB_DATA": str(tmp_path / "data")}
-    cmd = [sys.executable, str(ROOT / "benchmarks" / "synth_distill.py"), "--quick", "--no-write",
-           "--seeds", "1", "--threads", "1", "--root", str(tmp_path / "runs"),
-           "--methods", "baseline", "kd", "kd+cirkd", "kd+afdcd"]
+    cmd, env = quick_synth_distill(tmp_path, "--methods", "baseline", "kd", "kd+cirkd",
+                                   "kd+afdcd")
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     for method in ("kd+cirkd", "kd+afdcd"):

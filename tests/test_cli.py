@@ -111,6 +111,35 @@ def test_demo_quick_end_to_end(capsys, tmp_path, monkeypatch):
     assert out.count("loaded from cache") == 3 and "the demo takes about" not in out
 
 
+def test_demo_budgets_the_default_one_short_and_the_full_one_shared_with_the_notebooks():
+    """make demo trains a teacher of its own (600 steps, cosine to the end, one
+    evaluation), kdnb demo --full the teacher the notebooks and benchmarks share."""
+    from kdnb.demo import DEMO_STUDENT_STEPS, DEMO_TEACHER_STEPS, FULL_STUDENT_STEPS, demo_configs
+    from kdnb.experiments import cache_path, teacher_config
+
+    short, full = demo_configs(), demo_configs(full=True)
+    shared = teacher_config()
+    assert short["teacher"] == shared.replace(steps=DEMO_TEACHER_STEPS, eval_every=0)
+    assert DEMO_TEACHER_STEPS < shared.steps and cache_path(short["teacher"]) != cache_path(shared)
+    assert full["teacher"] == shared
+    for configs, steps in ((short, DEMO_STUDENT_STEPS), (full, FULL_STUDENT_STEPS)):
+        students = [c for role, c in configs.items() if role != "teacher"]
+        assert len(students) == 4 and {c.steps for c in students} == {steps}
+        assert {c.teacher for c in students if c.methods} == {str(cache_path(configs["teacher"]))}
+    assert demo_configs(("baseline",), student_steps=7)["baseline"].steps == 7
+    with pytest.raises(ValueError, match="choose among"):
+        demo_configs(("baseline", "crd"))
+
+
+def test_demo_command_passes_the_budget_on(monkeypatch):
+    import kdnb.demo
+
+    calls = []
+    monkeypatch.setattr(kdnb.demo, "run_demo", lambda **kwargs: calls.append(kwargs))
+    assert main(["demo", "--full", "--out", "x"]) == 0 and main(["demo"]) == 0
+    assert [c["full"] for c in calls] == [True, False] and calls[0]["student_steps"] is None
+
+
 def test_demo_clock_counts_the_steps_left_at_the_rate_measured():
     from kdnb.demo import DemoClock
 

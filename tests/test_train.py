@@ -257,3 +257,50 @@ def test_a_checkpoint_without_partial_sums_still_resumes(tmp_path):
     with pytest.warns(UserWarning, match="without the partial loss sums"):
         build_trainer(cfg, tmp_path, progress=False).fit(resume=True)
     assert [r["step"] for r in train_records(tmp_path)] == [3, 6, 7]
+
+
+def test_a_label_outside_the_classes_is_named_before_the_first_step(tmp_path):
+    """A dataset of one's own whose masks hold a label the model has no class for: the
+    batch is refused where it is made, with the value and the fix (on a GPU the loss would
+    otherwise fail as a device-side assertion naming nothing), before any step runs."""
+    from kdnb.data import build_dataset
+
+    base = build_dataset("synth", split="train", size=64, length=24)
+
+    class OneBadLabel(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(base)
+
+        def __getitem__(self, key):  # (index, epoch) from the step sampler
+            image, mask = base[key[0] if isinstance(key, tuple) else key]
+            mask = mask.clone()
+            mask[0, 0] = 40
+            return image, mask
+
+    trainer = build_trainer(tiny(), tmp_path / "run", train_set=OneBadLabel(), progress=False)
+    k = trainer.num_classes
+    with pytest.raises(ValueError, match=rf"masks hold labels \[40\] outside \[0, {k}\) that are "
+                                         rf"not 255 \(ignore\).*Map the dataset's labels to "
+                                         rf"0\.\.{k - 1}"):
+        trainer.fit()
+    assert trainer.step == 0
+
+
+def test_checked_collate_passes_classes_and_ignore_and_refuses_the_rest():
+    """Every class and 255 pass unchanged (the batch equals collate's, with the index of the
+    teacher-cache path too); -1 and K are refused by value; it pickles, so loader workers
+    can run it."""
+    import pickle
+
+    from kdnb.data import CheckedCollate, collate
+
+    check = pickle.loads(pickle.dumps(CheckedCollate(5)))
+    mask = torch.tensor([[0, 1, 2], [3, 4, 255]], dtype=torch.uint8)
+    batch = [(torch.rand(3, 2, 3), mask, 7), (torch.rand(3, 2, 3), mask.flip(1), 8)]
+    got, want = check(batch), collate(batch)
+    assert len(got) == 3 and all(torch.equal(a, b) for a, b in zip(got, want))
+    for bad in (-1, 5):
+        m = torch.zeros(2, 3, dtype=torch.long)
+        m[1, 2] = bad
+        with pytest.raises(ValueError, match=rf"masks hold labels \[{bad}\] outside \[0, 5\)"):
+            check([(torch.rand(3, 2, 3), m)])

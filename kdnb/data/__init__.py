@@ -21,7 +21,7 @@ from ..options import check_options, keyword_parameters
 from .base import (IGNORE_INDEX, DatasetNotFoundError, SegmentationFolder, data_root,
                    read_image, read_label)
 from .synth import SynthScenes
-from .sampler import Indexed, StepSampler, collate
+from .sampler import CheckedCollate, Indexed, StepSampler, collate
 from .transforms import Augmented, TrainTransform
 
 #: dataset name -> module under kdnb.data (SynthScenes is built in).
@@ -188,7 +188,7 @@ def check_crop(crop_size, scale_range, sizes) -> None:
 __all__ = [
     "Augmented", "DatasetNotFoundError", "IGNORE_INDEX", "Indexed", "SegmentationFolder",
     "StepSampler", "SynthScenes", "TrainTransform", "available_datasets", "build_dataset",
-    "check_crop", "check_dataset_options", "collate",
+    "CheckedCollate", "check_crop", "check_dataset_options", "collate",
     "data_root", "dataset_info", "dataset_module", "read_image", "read_label",
     "validate_dataset",
 ]

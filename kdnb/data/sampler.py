@@ -11,6 +11,8 @@ from typing import Iterator
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from .base import IGNORE_INDEX
+
 
 class StepSampler(Sampler):
     """Batches of ``(index, epoch)`` keys for steps ``start..steps-1``, a function of the seed.
@@ -50,6 +52,32 @@ def collate(batch):
     """Stacks ``(image, mask[, index])`` samples into batch tensors."""
     return tuple(torch.stack(x) if isinstance(x[0], torch.Tensor) else torch.tensor(x)
                  for x in zip(*batch))
+
+
+class CheckedCollate:
+    """:func:`collate`, then a check that every mask label is a class or ``ignore_index``.
+
+    It runs where the batch is made, on CPU tensors, so it costs no host-device sync: in
+    the loader's workers when there are some, else in the training loop, where it costs
+    about what :func:`collate` itself does (a few comparisons per pixel). Without it a bad label fails far from its
+    cause: on a GPU as a device-side assertion inside the loss, with no value named.
+    """
+
+    def __init__(self, num_classes: int, ignore_index: int = IGNORE_INDEX):
+        self.num_classes, self.ignore_index = num_classes, ignore_index
+
+    def __call__(self, batch):
+        out = collate(batch)
+        masks = out[1]
+        bad = (masks != self.ignore_index) & ((masks < 0) | (masks >= self.num_classes))
+        if bad.any():
+            found = torch.unique(masks[bad])[:8].tolist()
+            raise ValueError(
+                f"masks hold labels {found} outside [0, {self.num_classes}) that are not "
+                f"{self.ignore_index} (ignore): the model has {self.num_classes} classes. Map "
+                f"the dataset's labels to 0..{self.num_classes - 1} (and void to "
+                f"{self.ignore_index}), or train a model with as many classes as the data has")
+        return out
 
 
 class Indexed(Dataset):

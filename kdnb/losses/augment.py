@@ -317,7 +317,10 @@ class ClassCovariance(nn.Module):
         class each (:func:`_class_blocks`), and the outer products of all blocks are one
         batched matrix product, a few blocks at a time, which keeps memory at
         ``O(B h w C)`` whatever ``K``. The labels are checked on a CPU (``ValueError``); on
-        a GPU a bad label trips a device-side assertion at the next synchronizing call.
+        a GPU a bad label trips a device-side assertion at the next synchronizing call
+        (batches from ``Trainer.loader`` never get that far:
+        :class:`kdnb.data.sampler.CheckedCollate` refuses them, with the value, where they
+        are made; batches handed to ``train_step`` directly are not checked there).
         """
         what = "ClassCovariance.update"
         _check_4d(feats, "feats", what)
