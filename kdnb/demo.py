@@ -37,11 +37,12 @@ DEMO_METHODS = ("baseline", "kd", "nfd-stage2", "nfd-stage2+fakd")
 #: The default budget. The full demo took 9 min on a fast day and 27 on a slow one
 #: (benchmarks/RESULTS.md, "`make demo`: time and result"), its 1800-step teacher alone 16
 #: of them; the budget is 15 minutes where the teacher trains at 1.5 steps/s. A teacher of
-#: 500 steps (its own cosine schedule, evaluated once, at the end) and four students of 200
-#: fit it with a margin for the fixed costs: the teacher's outputs on the students' pool,
-#: every model's evaluations, the prediction PNG.
-DEMO_TEACHER_STEPS = 500
-DEMO_STUDENT_STEPS = 200
+#: 400 steps (its own cosine schedule, evaluated once, at the end) and four students of 150
+#: fit it with the fixed costs (the teacher's outputs on the students' pool, every model's
+#: evaluations, the prediction PNG): 500 and 200 took 405 s at 3.8 teacher steps/s, about
+#: 16.5 minutes at 1.5 (benchmarks/RESULTS.md, "`make demo`: time and result").
+DEMO_TEACHER_STEPS = 400
+DEMO_STUDENT_STEPS = 150
 #: Student steps of the full demo (the benchmark trains the full ``synth-student`` recipe).
 FULL_STUDENT_STEPS = 500
 
