@@ -39,9 +39,9 @@ DEMO_METHODS = ("baseline", "kd", "nfd-stage2", "nfd-stage2+fakd")
 #: of them; the budget is 15 minutes where the teacher trains at 1.5 steps/s. A teacher of
 #: 400 steps (its own cosine schedule, evaluated once, at the end) and four students of 150
 #: fit it with the fixed costs (the teacher's outputs on the students' pool, every model's
-#: evaluations, the prediction PNG): 400 and 150 took 320 s at 4.0 teacher steps/s (14.3 min
-#: at 1.5 by that rate), 500 and 200 took 405 s at 3.8, about
-#: 17 minutes at 1.5 (benchmarks/RESULTS.md, "`make demo`: time and result").
+#: evaluations, the prediction PNG): 400 and 150 took 320 s at 4.0 teacher steps/s, 14.3
+#: min at 1.5 by that rate; 500 and 200 took 405 s at 3.8, about 17 min at 1.5
+#: (benchmarks/RESULTS.md, "`make demo`: time and result").
 DEMO_TEACHER_STEPS = 400
 DEMO_STUDENT_STEPS = 150
 #: Student steps of the full demo (the benchmark trains the full ``synth-student`` recipe).

@@ -2,8 +2,8 @@
 
 ``make demo``, the notebooks and ``benchmarks/synth_distill.py`` compare the same methods,
 defined once here (the demo trains them for fewer steps, and ``make demo`` from a shorter
-teacher: :mod:`kdnb.demo`): :data:`COMPARISON` (method name -> ``methods``, weights chosen on the
-val split; the sweeps are in benchmarks/RESULTS.md), :func:`teacher_config` and
+teacher: :mod:`kdnb.demo`): :data:`COMPARISON` (method name -> ``methods``, weights chosen
+on the val split; the sweeps are in benchmarks/RESULTS.md), :func:`teacher_config` and
 :func:`student_config` (the paired recipes). :func:`train_or_load` trains a config once
 and caches its model under ``<data root>/checkpoints``, keyed by
 :func:`kdnb.config.config_hash`, so a second run of a notebook or of the demo takes

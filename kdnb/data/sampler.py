@@ -59,8 +59,9 @@ class CheckedCollate:
 
     It runs where the batch is made, on CPU tensors, so it costs no host-device sync: in
     the loader's workers when there are some, else in the training loop, where it costs
-    about what :func:`collate` itself does (a few comparisons per pixel). Without it a bad label fails far from its
-    cause: on a GPU as a device-side assertion inside the loss, with no value named.
+    about what :func:`collate` itself does (a few comparisons per pixel). Without it a bad
+    label fails far from its cause: on a GPU as a device-side assertion inside the loss,
+    with no value named.
     """
 
     def __init__(self, num_classes: int, ignore_index: int = IGNORE_INDEX):
