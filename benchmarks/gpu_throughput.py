@@ -511,6 +511,15 @@ class Row:
     speedup: float | None = None  # --interleave: median per-round ratio to the reference
 
 
+def failure_row(name: str, err: Exception, peak_gib: float | None = None) -> Row:
+    """The row of a variant that raised: out of memory, or the error's type (its traceback
+    goes to stderr, the other variants go on)."""
+    if isinstance(err, torch.cuda.OutOfMemoryError):
+        return Row(name, None, peak_gib, note="out of memory")
+    traceback.print_exc()
+    return Row(name, None, peak_gib, note=f"failed: {type(err).__name__}")
+
+
 def build_step(name: str, args, pair: Pair, batch: tuple[torch.Tensor, torch.Tensor],
                dataset=None) -> tuple[Callable[[], None], object, TrainConfig, int]:
     """One variant's step as a closure: (step, its runner, its config, warm-up steps)."""
@@ -585,11 +594,8 @@ def run_variant(name: str, args, pair: Pair, batch: tuple[torch.Tensor, torch.Te
         extras.update(step_extras(name, step, runner, cfg, batch[0], device))
         if profile:
             extras["profile"] = profile_steps(step, cuda, args)
-    except torch.cuda.OutOfMemoryError:
-        row = Row(name, None, memory.read(), note="out of memory")
     except Exception as err:  # a compiler error or a dying loader costs its own row only
-        traceback.print_exc()
-        row = Row(name, None, memory.read(), note=f"failed: {type(err).__name__}")
+        row = failure_row(name, err, memory.read())
     finally:
         torch.backends.cudnn.benchmark = cudnn_before
     return row, extras
@@ -611,10 +617,8 @@ def run_interleaved(names: list[str], args, pair: Pair, batch: tuple[torch.Tenso
     built, rows, extras = {}, {}, {}
 
     def failed(name: str, err: Exception) -> None:
-        traceback.print_exc()
         built.pop(name, None)
-        rows[name] = Row(name, None, note=("out of memory" if isinstance(
-            err, torch.cuda.OutOfMemoryError) else f"failed: {type(err).__name__}"))
+        rows[name] = failure_row(name, err)
 
     try:
         for name in names:

@@ -191,6 +191,28 @@ def test_gpu_throughput_quick_prints_every_row():
     assert "appended to" not in out  # --no-write wrote nothing
 
 
+def test_gpu_throughput_a_failing_variant_costs_its_row_in_both_modes(monkeypatch):
+    """Out of memory and any other error give the same row in a plain and in an
+    interleaved run: no time, a note naming what happened (the peak memory where read)."""
+    bench = load_script(monkeypatch, "gpu_throughput")
+    errors = {"kdnb-fp32": torch.cuda.OutOfMemoryError("CUDA out of memory"),
+              "reference-fp32": ValueError("bad shape")}
+
+    def build(name, *a, **k):
+        raise errors[name]
+
+    monkeypatch.setattr(bench, "build_step", build)
+    memory = type("Memory", (), {"reset": lambda self: None, "read": lambda self: 1.5})()
+    args = type("Args", (), {"repeats": 1, "steps": 1})()
+    plain = [bench.run_variant(name, args, None, (None, None), torch.device("cpu"), memory)[0]
+             for name in errors]
+    interleaved, _ = bench.run_interleaved(list(errors), args, None, (None, None),
+                                           torch.device("cpu"))
+    for rows, peak in ((plain, 1.5), (interleaved, None)):
+        assert [(r.s_per_step, r.note, r.peak_gib) for r in rows] == [
+            (None, "out of memory", peak), (None, "failed: ValueError", peak)]
+
+
 def test_gpu_throughput_interleave_times_variants_round_by_round(monkeypatch):
     """--interleave: after an untimed round, the windows of the variants alternate, the
     order reversed every round, and a variant's speed-up is the median of its per-round
