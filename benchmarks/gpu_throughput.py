@@ -512,8 +512,8 @@ class Row:
 
 
 def failure_row(name: str, err: Exception, peak_gib: float | None = None) -> Row:
-    """The row of a variant that raised: out of memory, or the error's type (its traceback
-    goes to stderr, the other variants go on)."""
+    """The row of a variant that raised: out of memory, or the error's type; an error
+    other than out of memory prints its traceback to stderr. The other variants go on."""
     if isinstance(err, torch.cuda.OutOfMemoryError):
         return Row(name, None, peak_gib, note="out of memory")
     traceback.print_exc()

@@ -191,9 +191,10 @@ def test_gpu_throughput_quick_prints_every_row():
     assert "appended to" not in out  # --no-write wrote nothing
 
 
-def test_gpu_throughput_a_failing_variant_costs_its_row_in_both_modes(monkeypatch):
+def test_gpu_throughput_a_failing_variant_costs_its_row_in_both_modes(monkeypatch, capsys):
     """Out of memory and any other error give the same row in a plain and in an
-    interleaved run: no time, a note naming what happened (the peak memory where read)."""
+    interleaved run: no time, a note naming what happened (the peak memory where read);
+    only the other error prints a traceback."""
     bench = load_script(monkeypatch, "gpu_throughput")
     errors = {"kdnb-fp32": torch.cuda.OutOfMemoryError("CUDA out of memory"),
               "reference-fp32": ValueError("bad shape")}
@@ -211,6 +212,8 @@ def test_gpu_throughput_a_failing_variant_costs_its_row_in_both_modes(monkeypatc
     for rows, peak in ((plain, 1.5), (interleaved, None)):
         assert [(r.s_per_step, r.note, r.peak_gib) for r in rows] == [
             (None, "out of memory", peak), (None, "failed: ValueError", peak)]
+    err = capsys.readouterr().err
+    assert err.count("ValueError: bad shape") == 2 and "OutOfMemoryError" not in err
 
 
 def test_gpu_throughput_interleave_times_variants_round_by_round(monkeypatch):
